@@ -1,0 +1,11 @@
+"""syncnorm: BatchNorm with the statistics of the global batch, on every rank, for one all-reduce a layer."""
+
+from __future__ import annotations
+
+from ._errors import SyncNormError
+from .batchnorm import SyncBatchNorm
+from .convert import convert_model, revert_model
+from .groups import new_sync_groups
+
+__all__ = ["SyncBatchNorm", "SyncNormError", "convert_model", "new_sync_groups", "revert_model"]
+__version__ = "0.1.0"

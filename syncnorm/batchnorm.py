@@ -1,0 +1,139 @@
+"""``syncnorm.SyncBatchNorm``: the module users see."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import _comm
+from ._function import SyncBatchNormFunction
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""BatchNorm whose training statistics are those of the batch of every rank together.
+
+    A drop-in for ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``: same arguments,
+    parameters, buffers, ``state_dict`` keys and ``repr``, so checkpoints load both ways with
+    ``strict=True``. In training mode on W ranks it computes exactly what one process would compute
+    on the concatenation of the W batches (output, input gradient, running statistics), with one
+    all-reduce of 2C+1 float64 values in forward and one of 2C values in backward. It runs on CPU
+    tensors (Gloo) and CUDA tensors (NCCL or Gloo).
+
+    It does not communicate in eval mode, without an initialised process group, or in a group of
+    one rank: there it is plain BatchNorm. In eval mode with ``track_running_stats=False`` each rank
+    normalises with its own batch, as ``torch.nn.SyncBatchNorm`` does.
+
+    The weight and bias gradients are this rank's share; DistributedDataParallel sums (averages)
+    them across ranks like those of any other parameter.
+
+    Args:
+        num_features: number of channels C.
+        eps: added to the variance for numerical stability.
+        momentum: factor of the running averages; None for a cumulative average.
+        affine: whether the layer has a learnable weight (and bias).
+        track_running_stats: whether to keep running_mean/running_var/num_batches_tracked.
+        process_group: the ranks whose batches are pooled (default: the whole world); see
+            ``syncnorm.new_sync_groups`` to synchronise within subsets of ranks.
+        device: device of the parameters and buffers.
+        dtype: dtype of the parameters and buffers.
+        bias: whether an affine layer has a bias.
+
+    Shape:
+        - Input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); channels_last kept.
+        - Output: same shape, dtype and memory format as the input.
+
+    Example:
+        >>> bn = syncnorm.SyncBatchNorm(64)
+        >>> y = bn(torch.randn(8, 64, 32, 32))  # on every rank, after init_process_group
+        >>> y.shape
+        torch.Size([8, 64, 32, 32])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Optional[_comm.ProcessGroup] = None,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+        )
+        self.process_group = process_group
+        # Qualified name in the model, for error messages; convert_model sets it.
+        self.layer_name: Optional[str] = None
+
+    def _describe(self) -> str:
+        name = f" '{self.layer_name}'" if self.layer_name else ""
+        return f"syncnorm.SyncBatchNorm{name} (num_features={self.num_features})"
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        """Reject bad input on every rank before any collective, with what was expected and how to fix it."""
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{self._describe()} expected a torch.Tensor, got {type(input).__name__}.")
+        if not 2 <= input.dim() <= 5:
+            hint = "; add a batch dimension" if input.dim() < 2 else "; fold extra dimensions into the last ones"
+            raise ValueError(
+                f"{self._describe()} expected input of 2 to 5 dimensions (N, C, ...) "
+                f"(got a {input.dim()}-D tensor of shape {tuple(input.shape)}){hint}."
+            )
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{self._describe()} expected {self.num_features} channels in dim 1 of the input "
+                f"(got {input.shape[1]}, input shape {tuple(input.shape)}); build the layer with "
+                f"num_features={input.shape[1]} or feed it channels-first (N, C, ...) input."
+            )
+        if not input.is_floating_point():
+            raise TypeError(
+                f"{self._describe()} expected a floating-point input (float32, float64, float16 or "
+                f"bfloat16), got {input.dtype}; convert it with .float()."
+            )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if self.training and self.eps <= 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+
+        tracks = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if self.momentum is None:
+            # Cumulative average: this batch's weight, once it is counted.
+            factor = 1.0 / float(self.num_batches_tracked + 1) if tracks else 0.0  # type: ignore[operator]
+        else:
+            factor = self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean = self.running_mean if not self.training or self.track_running_stats else None
+        running_var = self.running_var if not self.training or self.track_running_stats else None
+
+        group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
+        if group is None:
+            output = F.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
+            )
+        else:
+            output = SyncBatchNormFunction.apply(
+                input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group,
+                self._describe(),
+            )
+        # Counted only once the step succeeded, so a failed step leaves the layer as it was.
+        if tracks:
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
+        return output
+
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, process_group: Optional[_comm.ProcessGroup] = None
+    ) -> torch.nn.Module:
+        """torch.nn.SyncBatchNorm's API: the same as ``syncnorm.convert_model(module, process_group)``."""
+        from .convert import convert_model
+
+        return convert_model(module, process_group)
