@@ -1,0 +1,101 @@
+"""The digits CNN of train_digits.py, trained with Hugging Face Accelerate and syncnorm's conversion.
+
+The whole change to an Accelerate script is one line before ``accelerator.prepare``:
+
+    model = syncnorm.convert_model(model)
+
+Launch it on 2 CPU processes (Gloo; Accelerate starts them with mpirun, the config names the host file):
+
+    accelerate launch --config_file launch/accelerate_cpu.yaml examples/train_accelerate.py
+
+or on every GPU of the machine (NCCL) with ``accelerate launch --multi_gpu examples/train_accelerate.py``.
+Accelerate's data loader gives process p the batches p, p + W, p + 2W, ... of the loader, so the global
+batch of a step is the concatenation of W consecutive batches: the run is the same as one process
+training on batches W times larger, which rank 0 checks at the end (``--check``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import syncnorm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the model and data of train_digits.py
+from train_digits import digits_net, global_batches, load_digits  # noqa: E402
+
+
+def train(accelerator: Optional[Accelerator], batch_per_process: int, world: int, steps: int, lr: float,
+          seed: int) -> tuple[list[float], nn.Module]:
+    """Train with Accelerate on ``world`` processes, or (``accelerator=None``) as one process with the whole batch."""
+    device = accelerator.device if accelerator is not None else torch.device("cpu")
+    data = load_digits(device)
+    # One list of global batches for everyone; each batch of the loader is one process's part of a step.
+    order = torch.cat(global_batches(len(data.train_y), batch_per_process * world, steps, seed))
+    torch.manual_seed(seed)
+    model: nn.Module = digits_net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    samples = TensorDataset(data.train_x[order], data.train_y[order])
+    if accelerator is None:
+        loader = DataLoader(samples, batch_size=batch_per_process * world)
+    else:
+        model = syncnorm.convert_model(model)  # the one line syncnorm asks for
+        loader = DataLoader(samples, batch_size=batch_per_process)
+        model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    losses = []
+    model.train()
+    for images, labels in loader:
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        if accelerator is None:
+            loss.backward()
+        else:
+            accelerator.backward(loss)
+            loss = accelerator.reduce(loss.detach(), reduction="mean")  # the loss of the global batch
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, model if accelerator is None else accelerator.unwrap_model(model)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    parser.add_argument("--batch-per-process", type=int, default=4, help="images a process sees each step")
+    parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (momentum 0.9)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write each process's final parameters here")
+    parser.add_argument("--check", action="store_true",
+                        help="rank 0 also trains one process on the whole batch and prints how far the curves are")
+    args = parser.parse_args(argv)
+
+    # Gloo on CPU, NCCL on GPUs: Accelerate picks the backend from the device.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    accelerator.print(f"train_accelerate: {world} process(es), {accelerator.distributed_type}, device "
+                      f"{accelerator.device.type}, {args.batch_per_process} images a process")
+    losses, model = train(accelerator, args.batch_per_process, world, args.steps, args.lr, args.seed)
+    accelerator.print(f"train loss: first step {losses[0]:.4f}, last step {losses[-1]:.4f}")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"rank": rank, "world_size": world, "losses": losses, "state_dict": state},
+                   args.out / f"train_accelerate_rank{rank}.pt")
+    if args.check and accelerator.is_main_process:
+        single, _ = train(None, args.batch_per_process, world, args.steps, args.lr, args.seed)
+        gap = max(abs(a - b) for a, b in zip(losses, single))
+        print(f"largest difference from one process on the whole batch, over {len(losses)} steps: {gap:.2e}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
