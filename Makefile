@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 # torchvision (for the real-model tests) needs this pair; both install from the local disk here.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# Ranks of the demo: 4 CPU processes on Gloo without GPU (4 images each), one per GPU with one.
+NPROC ?= 4
 
 .PHONY: install demo test lint
 
@@ -16,11 +18,18 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Local BatchNorm vs syncnorm vs one process on scikit-learn's digits: a table, and out/train_digits.png.
 demo: install
-	$(PY) examples/quick_check.py
+	PYTHON=$(PY) launch/torchrun.sh --nproc $(NPROC) examples/train_digits.py
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
+# pytest (single-process, spawned Gloo ranks, the launchers), then the MPI lane on 2 and on 3 ranks:
+# mpirun --allow-run-as-root --oversubscribe -n N python -m pytest --with-mpi tests/mpi, under a timeout,
+# failing unless every rank ran and passed tests.
 test: lint
 	$(PY) -m pytest
+	PYTHON=$(PY) tests/mpi/run.sh 2
+	PYTHON=$(PY) tests/mpi/run.sh 3

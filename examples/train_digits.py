@@ -82,10 +82,12 @@ def digits_net() -> nn.Sequential:
 def load_digits(device: torch.device, dtype: torch.dtype = torch.float32) -> Digits:
     """The digits as (N, 1, 8, 8) tensors of ``dtype`` in [0, 1], with a fixed train/test split."""
     from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
 
     images, labels = sklearn_digits(return_X_y=True)
-    train_x, test_x, train_y, test_y = train_test_split(images, labels, test_size=0.2, random_state=0)
+    # A fixed shuffle, then 80 % to train: the same split on every rank and in every run.
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234)).numpy()
+    cut = int(0.8 * len(labels))
+    train, test = order[:cut], order[cut:]
 
     def images_tensor(a: object) -> Tensor:
         return (torch.as_tensor(a, dtype=dtype) / 16.0).reshape(-1, 1, 8, 8).to(device)
@@ -93,7 +95,8 @@ def load_digits(device: torch.device, dtype: torch.dtype = torch.float32) -> Dig
     def labels_tensor(a: object) -> Tensor:
         return torch.as_tensor(a, dtype=torch.long).to(device)
 
-    return Digits(images_tensor(train_x), labels_tensor(train_y), images_tensor(test_x), labels_tensor(test_y))
+    return Digits(images_tensor(images[train]), labels_tensor(labels[train]),
+                  images_tensor(images[test]), labels_tensor(labels[test]))
 
 
 def global_batches(num_train: int, global_batch: int, steps: int, seed: int) -> list[Tensor]:

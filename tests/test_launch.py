@@ -1,0 +1,172 @@
+"""The launchers, end to end: each starts real processes that train the digits example for a few steps.
+
+- launch/torchrun.sh without GPU falls back to N CPU processes on Gloo (default 2, and 4);
+- two torchrun "nodes" on 127.0.0.1 (--nnodes 2) form one job and end with identical parameters;
+- launch/mpirun.sh starts the same example on MPI ranks;
+- `accelerate launch` with launch/accelerate_cpu.yaml trains examples/train_accelerate.py on 2 CPU processes.
+
+The oracle is one process that trains on the whole global batch (train_digits' ``single`` run, float64, or
+the plain-torch path of train_accelerate), checked against syncnorm's distributed run step by step; the
+local-BatchNorm run shows the check can fail. Every subprocess has a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT_S = 240
+STEPS = "4"
+# float64 runs: syncnorm and the single process agree to rounding, far below local BatchNorm's difference.
+EXACT = dict(rtol=1e-9, atol=1e-10)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    env["PYTHON"] = sys.executable
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this venv's mpirun, accelerate
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU, even on a GPU machine: these tests are about the CPU fallback
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> str:
+    try:
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT_S} s:\n{e.stdout!r}\n{e.stderr!r}")
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited with {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
+    return done.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _results(out: Path, prefix: str, world: int) -> list[dict[str, Any]]:
+    files = sorted(out.glob(f"{prefix}_rank*.pt"))
+    assert [f.name for f in files] == [f"{prefix}_rank{r}.pt" for r in range(world)], files
+    return [torch.load(f, weights_only=False) for f in files]
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tolerance: Any) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if tolerance:
+            torch.testing.assert_close(a[key], b[key], **tolerance, msg=lambda m, key=key: f"{key}: {m}")
+        else:
+            assert torch.equal(a[key], b[key]), f"{key} differs between ranks"
+
+
+def _check_digits_run(out: Path, world: int, with_local: bool) -> None:
+    """Every rank reports; syncnorm is identical on all ranks and equals the single process on the whole batch."""
+    results = _results(out, "train_digits", world)
+    assert [(r["rank"], r["world_size"], r["backend"]) for r in results] == [(i, world, "gloo") for i in range(world)]
+    for r in results[1:]:
+        _assert_same_state(r["runs"]["syncnorm"]["state_dict"], results[0]["runs"]["syncnorm"]["state_dict"])
+    single, synced = results[0]["runs"]["single"], results[0]["runs"]["syncnorm"]
+    assert len(synced["losses"]) == int(STEPS)
+    torch.testing.assert_close(torch.tensor(synced["losses"]), torch.tensor(single["losses"]), **EXACT)
+    _assert_same_state(synced["state_dict"], single["state_dict"], **EXACT)
+    if with_local:
+        # Local BatchNorm on 4 images a rank trains another model: the comparison above can fail.
+        local = torch.tensor(results[0]["runs"]["local"]["losses"])
+        assert (local - torch.tensor(single["losses"])).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("nproc", [None, 4], ids=["default_2", "4"])
+def test_torchrun_without_gpu_falls_back_to_gloo_cpu_processes(tmp_path: Path, nproc: int | None) -> None:
+    world = nproc or 2
+    with_local = nproc is None  # the full three-way demo (and its plot) once; the 4-rank run keeps to two runs
+    runs = [] if with_local else ["--runs", "syncnorm,single", "--no-plot"]
+    cmd = ["launch/torchrun.sh", *([] if nproc is None else ["--nproc", str(nproc)]),
+           "examples/train_digits.py", "--steps", STEPS, "--out", str(tmp_path), *runs]
+    stdout = _run(cmd, _env())
+    assert f"no GPU found: {world} CPU process(es) on this node on Gloo" in stdout
+    assert f"train_digits: {world} rank(s) on cpu with gloo" in stdout
+    _check_digits_run(tmp_path, world, with_local)
+    if with_local:
+        assert "| syncnorm, 2 ranks |" in stdout and (tmp_path / "train_digits.png").stat().st_size > 10_000
+
+
+def test_two_torchrun_nodes_on_loopback_end_with_identical_parameters(tmp_path: Path) -> None:
+    port = str(_free_port())
+    env = _env()
+    nodes = [
+        subprocess.Popen(
+            ["launch/torchrun.sh", "--nproc", "1", "--nnodes", "2", "--node-rank", str(node),
+             "--master-addr", "127.0.0.1", "--master-port", port,
+             "examples/train_digits.py", "--steps", STEPS, "--out", str(tmp_path), "--runs", "syncnorm,single",
+             "--no-plot"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)
+    ]
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=TIMEOUT_S))
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait(timeout=30)
+    for i, (node, (stdout, stderr)) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {i} exited with {node.returncode}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+        assert "node of 2" in stdout
+    _check_digits_run(tmp_path, 2, with_local=False)
+
+
+def test_mpirun_launcher_runs_the_example_on_mpi_ranks(tmp_path: Path) -> None:
+    cmd = ["launch/mpirun.sh", "-n", "2", "examples/train_digits.py", "--steps", STEPS, "--out", str(tmp_path),
+           "--runs", "syncnorm,single", "--no-plot"]
+    stdout = _run(cmd, _env())
+    assert "no GPU found: 2 MPI rank(s) on CPU, on Gloo" in stdout
+    _check_digits_run(tmp_path, 2, with_local=False)
+
+
+def test_accelerate_launch_trains_on_two_cpu_processes(tmp_path: Path) -> None:
+    # Accelerate starts multi-CPU jobs with mpirun, which refuses root (CI containers) unless told.
+    env = _env(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "launch/accelerate_cpu.yaml",
+           "--main_process_port", str(_free_port()), "examples/train_accelerate.py", "--steps", STEPS,
+           "--out", str(tmp_path)]
+    stdout = _run(cmd, env)
+    assert "train_accelerate: 2 process(es), DistributedType.MULTI_CPU, device cpu" in stdout
+    results = _results(tmp_path, "train_accelerate", 2)
+    assert [(r["rank"], r["world_size"]) for r in results] == [(0, 2), (1, 2)]
+    _assert_same_state(results[1]["state_dict"], results[0]["state_dict"])
+
+    # The oracle: the same model in this process on the whole batch of each step (plain torch, no Accelerate).
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        import train_accelerate
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+    losses, model = train_accelerate.train(None, batch_per_process=4, world=2, steps=int(STEPS), lr=0.02, seed=0)
+    float32 = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(losses), **float32)
+    _assert_same_state(results[0]["state_dict"], model.state_dict(), **float32)
+
+
+def test_launcher_scripts_parse_and_explain_a_missing_script() -> None:
+    scripts = [*REPO.glob("launch/*.sh"), *REPO.glob("launch/*.sbatch")]
+    assert len(scripts) >= 3
+    for script in scripts:
+        subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
+    done = subprocess.run(["launch/torchrun.sh", "--nproc", "2"], cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 2 and "expected a training script" in done.stderr
