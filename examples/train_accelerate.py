@@ -11,7 +11,9 @@ Launch it on 2 CPU processes (Gloo; Accelerate starts them with mpirun, the conf
 or on every GPU of the machine (NCCL) with ``accelerate launch --multi_gpu examples/train_accelerate.py``.
 Accelerate's data loader gives process p the batches p, p + W, p + 2W, ... of the loader, so the global
 batch of a step is the concatenation of W consecutive batches: the run is the same as one process
-training on batches W times larger, which rank 0 checks at the end (``--check``).
+training on batches W times larger, which rank 0 checks at the end (``--check``). Like train_digits.py it
+trains in float64 by default, so that float rounding, which SGD amplifies over many steps, stays far below
+what ``--check`` prints (``--dtype float32`` to change).
 """
 
 from __future__ import annotations
@@ -34,14 +36,14 @@ from train_digits import digits_net, global_batches, load_digits  # noqa: E402
 
 
 def train(accelerator: Optional[Accelerator], batch_per_process: int, world: int, steps: int, lr: float,
-          seed: int) -> tuple[list[float], nn.Module]:
+          seed: int, dtype: torch.dtype = torch.float64) -> tuple[list[float], nn.Module]:
     """Train with Accelerate on ``world`` processes, or (``accelerator=None``) as one process with the whole batch."""
     device = accelerator.device if accelerator is not None else torch.device("cpu")
-    data = load_digits(device)
+    data = load_digits(device, dtype)
     # One list of global batches for everyone; each batch of the loader is one process's part of a step.
     order = torch.cat(global_batches(len(data.train_y), batch_per_process * world, steps, seed))
     torch.manual_seed(seed)
-    model: nn.Module = digits_net()
+    model: nn.Module = digits_net().to(dtype)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     samples = TensorDataset(data.train_x[order], data.train_y[order])
     if accelerator is None:
@@ -72,6 +74,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--batch-per-process", type=int, default=4, help="images a process sees each step")
     parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (momentum 0.9)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                        help="float64 (default) keeps rounding, which SGD amplifies over many steps, out of --check")
     parser.add_argument("--out", type=Path, default=None, help="write each process's final parameters here")
     parser.add_argument("--check", action="store_true",
                         help="rank 0 also trains one process on the whole batch and prints how far the curves are")
@@ -82,7 +86,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     world, rank = accelerator.num_processes, accelerator.process_index
     accelerator.print(f"train_accelerate: {world} process(es), {accelerator.distributed_type}, device "
                       f"{accelerator.device.type}, {args.batch_per_process} images a process")
-    losses, model = train(accelerator, args.batch_per_process, world, args.steps, args.lr, args.seed)
+    dtype = getattr(torch, args.dtype)
+    losses, model = train(accelerator, args.batch_per_process, world, args.steps, args.lr, args.seed, dtype)
     accelerator.print(f"train loss: first step {losses[0]:.4f}, last step {losses[-1]:.4f}")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.save({"rank": rank, "world_size": world, "losses": losses, "state_dict": state},
                    args.out / f"train_accelerate_rank{rank}.pt")
     if args.check and accelerator.is_main_process:
-        single, _ = train(None, args.batch_per_process, world, args.steps, args.lr, args.seed)
+        single, _ = train(None, args.batch_per_process, world, args.steps, args.lr, args.seed, dtype)
         gap = max(abs(a - b) for a, b in zip(losses, single))
         print(f"largest difference from one process on the whole batch, over {len(losses)} steps: {gap:.2e}")
     accelerator.wait_for_everyone()

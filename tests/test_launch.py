@@ -157,9 +157,8 @@ def test_accelerate_launch_trains_on_two_cpu_processes(tmp_path: Path) -> None:
     finally:
         sys.path.remove(str(REPO / "examples"))
     losses, model = train_accelerate.train(None, batch_per_process=4, world=2, steps=int(STEPS), lr=0.02, seed=0)
-    float32 = dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(losses), **float32)
-    _assert_same_state(results[0]["state_dict"], model.state_dict(), **float32)
+    torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(losses), **EXACT)
+    _assert_same_state(results[0]["state_dict"], model.state_dict(), **EXACT)
 
 
 def test_launcher_scripts_parse_and_explain_a_missing_script() -> None:
