@@ -79,11 +79,28 @@ def digits_net() -> nn.Sequential:
     )
 
 
-def load_digits(device: torch.device, dtype: torch.dtype = torch.float32) -> Digits:
-    """The digits as (N, 1, 8, 8) tensors of ``dtype`` in [0, 1], with a fixed train/test split."""
+def _digits_arrays() -> tuple[Any, Any]:
+    """scikit-learn's digits as numpy arrays: (1797, 64) pixels in 0..16 and (1797,) labels."""
+    import importlib.util
+
+    import numpy as np
+
+    # Importing scikit-learn costs every rank seconds of start-up; the images are one CSV file inside it,
+    # which is all sklearn.datasets.load_digits reads. Fall back to that function if the file ever moves.
+    spec = importlib.util.find_spec("sklearn")
+    csv = Path(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec and \
+        spec.submodule_search_locations else None
+    if csv is not None and csv.is_file():
+        table = np.loadtxt(csv, delimiter=",")
+        return table[:, :-1], table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits as sklearn_digits
 
-    images, labels = sklearn_digits(return_X_y=True)
+    return sklearn_digits(return_X_y=True)
+
+
+def load_digits(device: torch.device, dtype: torch.dtype = torch.float32) -> Digits:
+    """The digits as (N, 1, 8, 8) tensors of ``dtype`` in [0, 1], with a fixed train/test split."""
+    images, labels = _digits_arrays()
     # A fixed shuffle, then 80 % to train: the same split on every rank and in every run.
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234)).numpy()
     cut = int(0.8 * len(labels))
