@@ -298,6 +298,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if rank == 0:
         print(f"train_digits: {world} rank(s) on {device.type} with {backend}, "
               f"{args.batch_per_rank} images a rank, global batch {world * args.batch_per_rank}", flush=True)
+        if world == 1:
+            print("train_digits: one rank, so the three runs are the same model; start it with "
+                  "launch/torchrun.sh --nproc 4 examples/train_digits.py to compare them", flush=True)
 
     data = load_digits(device, args.dtype)
     batches = global_batches(len(data.train_y), world * args.batch_per_rank, args.steps, args.seed)
