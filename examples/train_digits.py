@@ -6,8 +6,8 @@ batches (the global batch of step t is the concatenation of the ranks' batches o
 - ``local``: DistributedDataParallel on W ranks, plain ``torch.nn.BatchNorm2d`` (each rank normalises
   with the statistics of its own 4 images);
 - ``syncnorm``: the same, after ``model = syncnorm.convert_model(model)`` (statistics of all 4·W images);
-- ``single``: one process that sees the whole global batch of 4·W images at every step (run by rank 0
-  after the distributed runs, while the other ranks have finished).
+- ``single``: one process that sees the whole global batch of 4·W images at every step (rank 0 runs it
+  after the distributed runs; the other ranks are done by then).
 
 The gradients of ``syncnorm`` and ``single`` are mathematically the same, so their loss curves must
 coincide up to float rounding; ``local`` trains a different (noisier) model. Rank 0 prints a table
@@ -29,7 +29,6 @@ import argparse
 import datetime
 import inspect
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -64,7 +63,6 @@ class RunResult:
     test_accuracy: float = 0.0
     running_stats: list[Tensor] = field(default_factory=list)
     state_dict: dict[str, Tensor] = field(default_factory=dict)
-    seconds: float = 0.0
 
 
 def digits_net() -> nn.Sequential:
@@ -163,7 +161,6 @@ def train(run: str, data: Digits, batches: list[Tensor], args: argparse.Namespac
     from tqdm import tqdm
 
     result = RunResult()
-    start = time.perf_counter()
     progress = tqdm(batches, desc=f"{run:>8}", disable=not show_progress, mininterval=1.0, leave=True,
                     dynamic_ncols=True)
     for indices in progress:
@@ -182,7 +179,6 @@ def train(run: str, data: Digits, batches: list[Tensor], args: argparse.Namespac
         result.losses.append(logged.item())
         if show_progress:
             progress.set_postfix(loss=f"{result.losses[-1]:.3f}", refresh=False)
-    result.seconds = time.perf_counter() - start
 
     model.eval()
     with torch.no_grad():  # eval mode communicates nothing (and the single run has no group)

@@ -5,6 +5,7 @@
 #
 #   --nproc N       processes on this node (variable NPROC). Default: one per GPU; 2 on a machine without GPU.
 #   --cpu           ignore the GPUs: N CPU processes on Gloo (variable SYNCNORM_CPU=1).
+#   --dry-run       print the torchrun command instead of running it.
 #   torchrun options (before SCRIPT) pass through to `python -m torch.distributed.run`, e.g. for two nodes:
 #       --nnodes 2 --node-rank 0 --master-addr HOST --master-port 29500       (static, one line per node)
 #       --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id JOB (elastic rendezvous)
@@ -17,7 +18,7 @@
 #   launch/torchrun.sh --nproc 4 examples/train_digits.py --steps 300
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
 # Options that say where the rendezvous is: with any of them, no --standalone.
 is_rendezvous() { [[ "$1" =~ ^--(master|rdzv|node)[-_] ]]; }
@@ -28,6 +29,7 @@ fi
 
 nproc="${NPROC:-}"
 force_cpu="${SYNCNORM_CPU:-0}"
+dry_run=0
 nnodes=""
 rendezvous_given=0
 passthrough=()
@@ -36,6 +38,7 @@ while [[ $# -gt 0 ]]; do
         --nproc|--nproc-per-node|--nproc_per_node) [[ $# -ge 2 ]] || die "$1 expects a number"; nproc="$2"; shift 2 ;;
         --nproc=*|--nproc-per-node=*|--nproc_per_node=*) nproc="${1#*=}"; shift ;;
         --cpu) force_cpu=1; shift ;;
+        --dry-run) dry_run=1; shift ;;
         -h|--help) usage; exit 0 ;;
         --nnodes) [[ $# -ge 2 ]] || die "--nnodes expects a number"; nnodes="$2"; shift 2 ;;
         --nnodes=*) nnodes="${1#*=}"; shift ;;
@@ -85,4 +88,6 @@ elif [[ $rendezvous_given -eq 0 ]]; then
     passthrough=(--standalone ${passthrough[@]+"${passthrough[@]}"})
 fi
 
-exec "$PYTHON" -m torch.distributed.run --nproc-per-node "$nproc" ${passthrough[@]+"${passthrough[@]}"} "$@"
+cmd=("$PYTHON" -m torch.distributed.run --nproc-per-node "$nproc" ${passthrough[@]+"${passthrough[@]}"} "$@")
+if [[ $dry_run -eq 1 ]]; then echo "${cmd[*]}"; exit 0; fi
+exec "${cmd[@]}"

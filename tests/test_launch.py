@@ -171,6 +171,26 @@ def test_accelerate_launch_trains_on_two_cpu_processes(tmp_path: Path) -> None:
     _assert_same_state(results[0]["state_dict"], model.state_dict(), **EXACT)
 
 
+@pytest.mark.parametrize(
+    ("args", "variables", "expected"),
+    [
+        ([], {}, "--nproc-per-node 2 --standalone"),
+        (["--nproc", "3"], {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"},
+         "--nproc-per-node 3 --nnodes 2 --node-rank 1 --master-addr 10.0.0.1 --master-port 1234"),
+        (["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "node0:29400", "--rdzv-id", "7"], {},
+         "--nproc-per-node 2 --nnodes 2 --rdzv-backend c10d --rdzv-endpoint node0:29400 --rdzv-id 7"),
+    ],
+    ids=["one_node", "node_variables", "c10d_flags"],
+)
+def test_torchrun_launcher_passes_nodes_and_rendezvous_to_torchrun(args: list[str], variables: dict[str, str],
+                                                                 expected: str) -> None:
+    done = subprocess.run(["launch/torchrun.sh", "--dry-run", *args, "train.py", "--steps", "3"], cwd=REPO,
+                          env=_env(**variables), capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    command = done.stdout.strip().splitlines()[-1]
+    assert command == f"{sys.executable} -m torch.distributed.run {expected} train.py --steps 3"
+
+
 def test_launcher_scripts_parse_and_explain_a_missing_script() -> None:
     scripts = [*REPO.glob("launch/*.sh"), *REPO.glob("launch/*.sbatch")]
     assert len(scripts) >= 3
