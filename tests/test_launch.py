@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -48,14 +49,28 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], env: dict[str, str]) -> str:
+def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    # A session of its own, so a timeout can kill the launcher and every process it started.
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _finish(process: subprocess.Popen[str]) -> tuple[str, str]:
     try:
-        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{' '.join(cmd)} did not finish within {TIMEOUT_S} s:\n{e.stdout!r}\n{e.stderr!r}")
-    if done.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited with {done.returncode}:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}")
-    return done.stdout
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=30)
+        pytest.fail(f"{' '.join(map(str, process.args))} did not finish within {TIMEOUT_S} s:\n{stdout}\n{stderr}")
+    return stdout, stderr
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> str:
+    process = _start(cmd, env)
+    stdout, stderr = _finish(process)
+    if process.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited with {process.returncode}:\n{stdout[-4000:]}\n{stderr[-6000:]}")
+    return stdout
 
 
 def _free_port() -> int:
@@ -114,23 +129,19 @@ def test_two_torchrun_nodes_on_loopback_end_with_identical_parameters(tmp_path: 
     port = str(_free_port())
     env = _env()
     nodes = [
-        subprocess.Popen(
-            ["launch/torchrun.sh", "--nproc", "1", "--nnodes", "2", "--node-rank", str(node),
-             "--master-addr", "127.0.0.1", "--master-port", port,
-             "examples/train_digits.py", "--steps", STEPS, "--out", str(tmp_path), "--runs", "syncnorm,single",
-             "--no-plot"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _start(["launch/torchrun.sh", "--nproc", "1", "--nnodes", "2", "--node-rank", str(node),
+                "--master-addr", "127.0.0.1", "--master-port", port,
+                "examples/train_digits.py", "--steps", STEPS, "--out", str(tmp_path), "--runs", "syncnorm,single",
+                "--no-plot"], env)
         for node in (0, 1)
     ]
-    outputs = []
     try:
-        for node in nodes:
-            outputs.append(node.communicate(timeout=TIMEOUT_S))
+        outputs = [_finish(node) for node in nodes]
     finally:
         for node in nodes:
-            if node.poll() is None:
-                node.kill()
-                node.wait(timeout=30)
+            if node.poll() is None:  # the other node failed: do not leave this one waiting at the rendezvous
+                os.killpg(node.pid, signal.SIGKILL)
+                node.communicate(timeout=30)
     for i, (node, (stdout, stderr)) in enumerate(zip(nodes, outputs)):
         assert node.returncode == 0, f"node {i} exited with {node.returncode}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
         assert "node of 2" in stdout
