@@ -267,7 +267,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                         help="float64 (default) keeps float rounding, which SGD amplifies over hundreds of steps, "
                         "far below what the table shows; with float32 syncnorm and the single process drift "
-                        "apart after some tens of steps as any two float32 runs with different summation orders do")
+                        "apart after tens to hundreds of steps like any two float32 runs summing in another order")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and of the data order")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)}")
     parser.add_argument("--out", type=Path, default=Path("out"),
