@@ -284,3 +284,20 @@ def test_excluded_layer_normalises_with_the_local_batch_on_ranks() -> None:
         expected = F.batch_norm(part, None, None, training=True).relu()  # local: this rank's part
         assert_close(r["y"], expected, torch.float32, "excluded layer output")
         assert r["calls"] == ["all_reduce"]
+
+
+def rank_error_names_the_layer(sizes: list[int]) -> str:
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.Sequential(nn.Identity(), BatchNormAct2d(3)))
+    syncnorm.convert_model(model)
+    try:
+        model(torch.randn(sizes[torch.distributed.get_rank()], 2, 1, 1))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
+def test_error_in_a_converted_subclass_names_the_layer() -> None:
+    # One value per channel over both ranks together: torch's error, on every rank, naming '1.1'.
+    messages = run_on_ranks(2, rank_error_names_the_layer, [1, 0])
+    for message in messages:
+        assert "Expected more than 1 value per channel" in message and "SyncBatchNormAct2d '1.1'" in message
