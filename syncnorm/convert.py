@@ -64,8 +64,8 @@ def convert_model(
     Layers that are not BatchNorm are left alone because their statistics never span samples, so
     a rank's slice of the batch already has everything they need: GroupNorm, LayerNorm and
     InstanceNorm normalise within one sample, and frozen BatchNorms (torchvision's
-    ``FrozenBatchNorm2d``, a BatchNorm in ``eval()`` mode) use fixed statistics. Layers that are
-    already syncnorm layers are left as they are.
+    ``FrozenBatchNorm2d``) use fixed statistics. (A BatchNorm in ``eval()`` mode is converted, and
+    communicates nothing until it trains.) Layers that are already syncnorm layers are left as they are.
 
     Args:
         module: a model, or a single BatchNorm layer.
