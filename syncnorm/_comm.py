@@ -54,7 +54,6 @@ def all_reduce_sum(buffer: Tensor, group: ProcessGroup, layer: str, what: str) -
         ) from error
 
 
-
 def group_rank(group: Optional[ProcessGroup]) -> int:
     """This process's rank in ``group``, or 0 when there is no group (one process), e.g. to report on one rank."""
     if group is None:
