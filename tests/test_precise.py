@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+import torchvision
 from distributed import COLLECTIVES, rank, run_on_ranks
 from reference import assert_close
 from timm.layers.norm_act import BatchNormAct2d
@@ -178,3 +179,26 @@ def test_two_ranks_with_unequal_loaders_stop_together() -> None:
             assert_close(r["buffers"][f"{name}.running_var"], var, torch.float32, f"{name} running_var")
     reports = run_on_ranks(2, rank_update_bn_stats, model.state_dict(), loaders, True, 3)
     assert all("num_batches=3 but a loader ran out after 2 batches" in r["error"] for r in reports)
+
+
+def rank_precise_resnet18(loaders: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = syncnorm.convert_model(torchvision.models.resnet18(num_classes=4).double())
+    syncnorm.update_bn_stats(model, loaders[rank()], progress=False)
+    return {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+
+
+def test_two_ranks_recompute_resnet18_statistics() -> None:
+    # float64 on the ranks: the statistics of layer4 follow 17 float32 layers (see test_models.py).
+    generator = torch.Generator().manual_seed(9)
+    loaders = [[torch.randn(2, 3, 32, 32, generator=generator, dtype=torch.float64) for _ in range(2)]
+               for _ in range(2)]
+    reports = run_on_ranks(2, rank_precise_resnet18, loaders)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    expected = population_statistics(model, [[torch.cat([a, b])] for a, b in zip(*loaders)])
+    assert len(expected) == 20
+    for name, (mean, var) in expected.items():
+        for r in reports:
+            assert_close(r[f"{name}.running_mean"], mean, torch.float64, f"{name} running_mean")
+            assert_close(r[f"{name}.running_var"], var, torch.float64, f"{name} running_var")
