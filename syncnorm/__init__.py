@@ -6,6 +6,7 @@ from ._errors import SyncNormError
 from .batchnorm import SyncBatchNorm
 from .convert import convert_model, revert_model
 from .groups import new_sync_groups
+from .precise import update_bn_stats
 
-__all__ = ["SyncBatchNorm", "SyncNormError", "convert_model", "new_sync_groups", "revert_model"]
+__all__ = ["SyncBatchNorm", "SyncNormError", "convert_model", "new_sync_groups", "revert_model", "update_bn_stats"]
 __version__ = "0.1.0"

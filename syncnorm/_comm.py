@@ -53,3 +53,9 @@ def all_reduce_sum(buffer: Tensor, group: ProcessGroup, layer: str, what: str) -
             f"{error}. A peer may have died, skipped this layer, or timed out. {VALIDATION_HINT}"
         ) from error
 
+
+def group_rank(group: Optional[ProcessGroup]) -> int:
+    """This process's rank in ``group``, or 0 when there is no group (one process), e.g. to report on one rank."""
+    if group is None:
+        return 0
+    return int(dist.get_rank(group))

@@ -72,6 +72,7 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         # Qualified name in the model, for error messages; convert_model sets it.
         self.layer_name: Optional[str] = None
+        self.last_input_dim: Optional[int] = None
 
     def _describe(self) -> str:
         name = f" '{self.layer_name}'" if self.layer_name else ""
@@ -101,8 +102,8 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if self.training and self.eps <= 0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
+        self.last_input_dim = input.dim()
 
         tracks = self.training and self.track_running_stats and self.num_batches_tracked is not None
         if self.momentum is None:
@@ -115,15 +116,10 @@ class SyncBatchNorm(_BatchNorm):
         running_var = self.running_var if not self.training or self.track_running_stats else None
 
         group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
-        if group is None:
-            output = F.batch_norm(
-                input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
-            )
-        else:
-            output = SyncBatchNormFunction.apply(
-                input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group,
-                self._describe(),
-            )
+        output = sync_batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps,
+            group=group, layer=self._describe(),
+        )
         # Counted only once the step succeeded, so a failed step leaves the layer as it was.
         if tracks:
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
@@ -137,3 +133,33 @@ class SyncBatchNorm(_BatchNorm):
         from .convert import convert_model
 
         return convert_model(module, process_group)
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    group: Optional[_comm.ProcessGroup] = None,
+    layer: str = "syncnorm.sync_batch_norm",
+) -> Tensor:
+    """``torch.nn.functional.batch_norm`` over the batch of every rank of ``group``.
+
+    The one place where a layer's batch normalisation chooses between the synchronised path and
+    plain ``F.batch_norm``; ``SyncBatchNorm.forward`` and the subclasses ``convert_model`` generates
+    both come through here. ``group`` is the resolved statistics group (``_comm.statistics_group``),
+    None for no synchronisation; ``momentum`` is the running-average factor of this step.
+    """
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if group is None or not training:
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    output: Tensor = SyncBatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, eps, momentum, group, layer
+    )
+    return output

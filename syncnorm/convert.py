@@ -1,87 +1,270 @@
-"""convert_model / revert_model: swap BatchNorm layers for syncnorm's and back."""
+"""convert_model / revert_model: make a model's BatchNorm layers synchronised, and back.
+
+How a layer is converted. The layer object itself is kept and only its class changes (the
+technique ``torch.nn.utils.parametrize`` uses): parameters, buffers, hooks, ``requires_grad``,
+the training flag, device, dtype, extra attributes and every outside reference to the layer (an
+optimizer, a list of layers to freeze, a hook handle) stay exactly what they were, and
+``state_dict`` keys and values are unchanged.
+
+- An exact ``torch.nn.BatchNorm1d/2d/3d`` or ``torch.nn.SyncBatchNorm`` becomes a
+  ``syncnorm.SyncBatchNorm``.
+- Any other subclass of BatchNorm (timm's ``BatchNormAct2d``, a user class that overrides
+  ``forward``) becomes a generated subclass of its own class, ``Sync<Name>``. Its ``forward`` runs
+  the original ``forward`` unchanged, while a ``TorchFunctionMode`` sends the
+  ``torch.nn.functional.batch_norm`` calls that belong to this layer to syncnorm's synchronised
+  path. So activation, drop layers, input checks and whatever else the subclass does are computed
+  exactly as before; only the batch statistics become those of the global batch.
+
+Limits of the second mechanism, all of them outside what BatchNorm subclasses in torchvision,
+timm or detectron2 do: a call counts as the layer's own when it passes the layer's own
+``weight``, ``bias``, ``running_mean`` or ``running_var`` (or, for a layer with none of them, no
+such tensors at all); a subclass that normalises with ``torch.batch_norm`` or a custom kernel
+instead of ``F.batch_norm`` stays local; and a subclass of ``torch.nn.SyncBatchNorm`` that calls
+``super().forward`` keeps torch's own synchronisation there.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import inspect
+from collections.abc import Iterable
+from typing import Any, Callable, Optional, Union
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.overrides import TorchFunctionMode
 
 from . import _comm
-from .batchnorm import SyncBatchNorm
+from .batchnorm import SyncBatchNorm, sync_batch_norm
+
+Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
+
+# The classes whose forward is plain BatchNorm: they become syncnorm.SyncBatchNorm itself.
+_PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# Instance attributes a conversion may add; revert_model removes those the original lacked.
+_SYNC_ATTRS = ("process_group", "layer_name", "last_input_dim", "_syncnorm_original", "_syncnorm_kept")
+_BY_INPUT_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+_BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
-def convert_model(module: nn.Module, process_group: Optional[_comm.ProcessGroup] = None) -> nn.Module:
-    """Replace every ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` by a syncnorm layer.
+def convert_model(
+    module: nn.Module, process_group: Optional[_comm.ProcessGroup] = None, *, exclude: Exclude = None
+) -> nn.Module:
+    """Make every ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` in ``module`` synchronised.
 
-    Parameters and buffers are shared with the original layers (not copied), so an optimizer built
-    before the conversion keeps working; ``requires_grad``, the training flag and devices are kept.
+    Each layer is converted in place, by changing its class: it is the same object afterwards, so
+    parameters and buffers are shared, not copied (an optimizer built before the conversion keeps
+    updating the converted model), and ``requires_grad``, the training flag, device, dtype, hooks
+    and ``state_dict`` are unchanged. Exact BatchNorm classes become ``syncnorm.SyncBatchNorm``;
+    subclasses (timm's ``BatchNormAct2d``, your own) become a generated ``Sync<Name>`` subclass
+    that runs their own ``forward`` with the batch-norm computation synchronised, so the converted
+    model computes what the original computed, with the statistics of the global batch.
+
+    Layers that are not BatchNorm are left alone because their statistics never span samples, so
+    a rank's slice of the batch already has everything they need: GroupNorm, LayerNorm and
+    InstanceNorm normalise within one sample, and frozen BatchNorms (torchvision's
+    ``FrozenBatchNorm2d``) use fixed statistics. (A BatchNorm in ``eval()`` mode is converted, and
+    communicates nothing until it trains.) Layers that are already syncnorm layers are left as they are.
 
     Args:
         module: a model, or a single BatchNorm layer.
-        process_group: the ranks whose batches are pooled (default: the whole world).
+        process_group: the ranks whose batches are pooled (default: the whole world; a converted
+            ``torch.nn.SyncBatchNorm`` keeps its own group unless this is given). See
+            ``syncnorm.new_sync_groups`` for subsets of ranks.
+        exclude: layers to leave local: either a collection of qualified module names (as in
+            ``model.named_modules()``; a name excludes everything inside that module too) or a
+            predicate ``(name, module) -> bool`` called for every module, True excluding it and
+            everything inside it.
 
     Returns:
-        The converted model (a new object only when ``module`` itself is a BatchNorm layer).
+        ``module`` itself, converted.
 
     Example:
         >>> model = torchvision.models.resnet18()
-        >>> model = syncnorm.convert_model(model)
+        >>> model = syncnorm.convert_model(model, exclude=["layer4"])
         >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
-    return _convert(module, process_group, prefix="")
-
-
-def _convert(module: nn.Module, process_group: Optional[_comm.ProcessGroup], prefix: str) -> nn.Module:
-    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
-        return _to_sync(module, process_group, prefix or type(module).__name__)
-    for name, child in module.named_children():
-        converted = _convert(child, process_group, f"{prefix}.{name}" if prefix else name)
-        if converted is not child:
-            setattr(module, name, converted)
+    is_excluded = _exclusion(module, exclude)
+    excluded: list[str] = []
+    for name, layer in module.named_modules():
+        if any(_inside(name, outer) for outer in excluded):
+            continue
+        if is_excluded(name, layer):
+            excluded.append(name)
+        elif isinstance(layer, _BatchNorm) and not _is_synchronised(layer):
+            _convert_layer(layer, process_group, name or type(layer).__name__)
     return module
-
-
-def _to_sync(bn: _BatchNorm, process_group: Optional[_comm.ProcessGroup], name: str) -> SyncBatchNorm:
-    sync = SyncBatchNorm(
-        bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
-        device="meta", bias=bn.bias is not None,
-    )
-    sync.weight, sync.bias = bn.weight, bn.bias
-    sync.running_mean, sync.running_var = bn.running_mean, bn.running_var
-    sync.num_batches_tracked = bn.num_batches_tracked
-    sync.training = bn.training
-    sync.layer_name = name
-    return sync
 
 
 def revert_model(module: nn.Module) -> nn.Module:
-    """Replace every syncnorm layer by ``torch.nn.BatchNorm{1,2,3}d``, sharing parameters and buffers.
+    """Turn every syncnorm layer back into the class it had, sharing its parameters and buffers.
+
+    A layer converted by ``convert_model`` gets its original class back (``torch.nn.BatchNorm2d``,
+    timm's ``BatchNormAct2d``, ...). A layer built as ``syncnorm.SyncBatchNorm`` becomes
+    ``torch.nn.BatchNorm1d``, ``2d`` or ``3d`` after the rank of the last input it saw
+    (``BatchNorm2d`` if it never ran). Like the conversion it works in place: the state, hooks and
+    flags are untouched, and the result has nothing of syncnorm left, so it runs on one device and
+    traces with ``torch.jit.trace`` and ``torch.export``. Subclasses of ``syncnorm.SyncBatchNorm``
+    written by users are left as they are.
 
     Args:
-        module: a model converted by ``convert_model`` (or holding SyncBatchNorm layers).
+        module: a model converted by ``convert_model`` (or holding ``syncnorm.SyncBatchNorm`` layers).
 
     Returns:
-        The model with plain BatchNorm layers, ready for export or single-device inference.
+        ``module`` itself, reverted.
 
     Example:
-        >>> model = syncnorm.revert_model(model)
+        >>> model = syncnorm.revert_model(model).eval()
         >>> torch.export.export(model, (torch.randn(1, 3, 224, 224),))
     """
-    if isinstance(module, SyncBatchNorm):
-        bn = nn.BatchNorm2d(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-            device="meta", bias=module.bias is not None,
-        )
-        bn.weight, bn.bias = module.weight, module.bias
-        bn.running_mean, bn.running_var = module.running_mean, module.running_var
-        bn.num_batches_tracked = module.num_batches_tracked
-        bn.training = module.training
-        return bn
-    for name, child in module.named_children():
-        reverted = revert_model(child)
-        if reverted is not child:
-            setattr(module, name, reverted)
+    for layer in module.modules():
+        if type(layer) is SyncBatchNorm or getattr(type(layer), "_syncnorm_generated", False):
+            _revert_layer(layer)
     return module
 
+
+def _exclusion(module: nn.Module, exclude: Exclude) -> Callable[[str, nn.Module], bool]:
+    """The ``exclude`` argument as a predicate; unknown names are an error, since a typo would sync silently."""
+    if exclude is None:
+        return lambda name, layer: False
+    if callable(exclude):
+        return exclude
+    names = {exclude} if isinstance(exclude, str) else set(exclude)
+    if not all(isinstance(name, str) for name in names):
+        raise TypeError(
+            "convert_model expected exclude to be a predicate (name, module) -> bool or a collection of module "
+            f"names (str), got {exclude!r}."
+        )
+    known = {name for name, _ in module.named_modules()}
+    unknown = sorted(names - known)
+    if unknown:
+        examples = ", ".join(repr(n) for n in sorted(known - {""})[:6])
+        raise ValueError(
+            f"convert_model got names in exclude that are not modules of the model: {unknown}. Names are "
+            f"those of model.named_modules(), e.g. {examples}."
+        )
+    return lambda name, layer: name in names
+
+
+def _inside(name: str, outer: str) -> bool:
+    return outer == "" or name == outer or name.startswith(outer + ".")
+
+
+def _is_synchronised(layer: nn.Module) -> bool:
+    return isinstance(layer, SyncBatchNorm) or getattr(type(layer), "_syncnorm_generated", False)
+
+
+def _convert_layer(layer: _BatchNorm, process_group: Optional[_comm.ProcessGroup], name: str) -> None:
+    if isinstance(layer, LazyModuleMixin) and layer.has_uninitialized_params():
+        raise ValueError(
+            f"convert_model cannot convert '{name}' ({type(layer).__name__}): its parameters are not "
+            "initialised yet. Run one forward pass (or build the model with BatchNorm instead of LazyBatchNorm) "
+            "before converting."
+        )
+    original = type(layer)
+    state = vars(layer)
+    kept = tuple(attr for attr in _SYNC_ATTRS if attr in state)
+    if process_group is not None or "process_group" not in state:
+        state["process_group"] = process_group
+    state["layer_name"] = name
+    state["_syncnorm_kept"] = kept
+    if original in _PLAIN:
+        state["_syncnorm_original"] = original
+        state.setdefault("last_input_dim", None)
+        layer.__class__ = SyncBatchNorm
+    else:
+        layer.__class__ = _synchronised_class(original)
+
+
+def _revert_layer(layer: nn.Module) -> None:
+    original = layer.__dict__.get("_syncnorm_original") or getattr(type(layer), "_syncnorm_original", None)
+    if original is None:
+        original = _BY_INPUT_DIM.get(layer.__dict__.get("last_input_dim") or 4, nn.BatchNorm2d)
+    kept = layer.__dict__.get("_syncnorm_kept", ())
+    for attr in _SYNC_ATTRS:
+        if attr in layer.__dict__ and attr not in kept:
+            delattr(layer, attr)
+    layer.__class__ = original
+
+
+# One generated class per original class, so that every converted layer of a class has the same
+# type (``type(a) is type(b)`` and pickling keep working). Never invalid: classes do not change.
+_SYNCHRONISED: dict[type[_BatchNorm], type[_BatchNorm]] = {}
+
+
+def _synchronised_class(original: type[_BatchNorm]) -> type[_BatchNorm]:
+    """``Sync<Name>``: ``original`` with its batch-norm computation synchronised (cached)."""
+    if original not in _SYNCHRONISED:
+        _SYNCHRONISED[original] = _make_synchronised_class(original)
+    return _SYNCHRONISED[original]
+
+
+def _make_synchronised_class(original: type[_BatchNorm]) -> type[_BatchNorm]:
+
+    def forward(self: _BatchNorm, *args: Any, **kwargs: Any) -> Any:
+        group = _comm.statistics_group(self.process_group, _describe(self)) if self.training else None
+        # Every rank of an identical model takes the same branch: training flag and group are shared facts.
+        if group is None:
+            return original.forward(self, *args, **kwargs)
+        with _RouteBatchNorm(self, group):
+            return original.forward(self, *args, **kwargs)
+
+    def __reduce_ex__(self: _BatchNorm, protocol: Any) -> Any:
+        # The generated class cannot be found by name in another process: rebuild it from the original.
+        return (_new_synchronised, (original,), dict(self.__dict__))
+
+    forward.__doc__ = f"{original.__name__}.forward with the statistics of the batch of every rank."
+    namespace = {
+        "forward": forward,
+        "__reduce_ex__": __reduce_ex__,
+        "__module__": __name__,
+        "__qualname__": f"Sync{original.__qualname__}",
+        "__doc__": f"{original.__name__} converted by syncnorm.convert_model: global-batch statistics.",
+        "_syncnorm_generated": True,
+        "_syncnorm_original": original,
+    }
+    return type(f"Sync{original.__name__}", (original,), namespace)
+
+
+def _new_synchronised(original: type[_BatchNorm]) -> nn.Module:
+    """An empty instance of ``Sync<original>``, for pickle and ``copy.deepcopy``."""
+    cls = _synchronised_class(original)
+    instance: nn.Module = cls.__new__(cls)
+    return instance
+
+
+def _describe(layer: nn.Module) -> str:
+    name = getattr(layer, "layer_name", None)
+    quoted = f" '{name}'" if name else ""
+    return f"syncnorm-converted {type(layer).__name__}{quoted} (num_features={getattr(layer, 'num_features', '?')})"
+
+
+class _RouteBatchNorm(TorchFunctionMode):
+    """Sends the ``F.batch_norm`` calls of one layer, made while it is active, to ``sync_batch_norm``."""
+
+    def __init__(self, layer: _BatchNorm, group: _comm.ProcessGroup) -> None:
+        super().__init__()
+        self.layer = layer
+        self.group = group
+
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Optional[dict[str, Any]] = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm:
+            call = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
+            call.apply_defaults()
+            if call.arguments["training"] and self._owns(call.arguments):
+                return sync_batch_norm(**call.arguments, group=self.group, layer=_describe(self.layer))
+        return func(*args, **kwargs)
+
+    def _owns(self, arguments: dict[str, Any]) -> bool:
+        """Whether a batch_norm call normalises with this layer's own tensors (and so is this layer's)."""
+        names = ("running_mean", "running_var", "weight", "bias")
+        mine = [getattr(self.layer, name) for name in names]
+        given = [arguments[name] for name in names]
+        if all(t is None for t in mine):
+            return all(t is None for t in given)
+        return any(isinstance(t, Tensor) and t is m for t, m in zip(given, mine))
 

@@ -1,0 +1,211 @@
+"""Distributed precise-BN: running statistics recomputed as exact population statistics over data.
+
+During training, running_mean/running_var are exponential averages of batch statistics taken
+while the weights changed; "precise BN" (Wu & Johnson, "Rethinking Batch in BatchNorm", 2021)
+replaces them, after training or before evaluation, with the statistics of many batches under the
+final weights. ``torch.optim.swa_utils.update_bn`` does it in one process and fvcore's
+``update_bn_stats`` averages per-batch variances; this one pools every rank's batches and returns
+the exact population statistics, identical on every rank.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import _comm, _stats
+
+_WHO = "syncnorm.update_bn_stats"
+
+
+def update_bn_stats(
+    model: nn.Module,
+    loader: Iterable[Any],
+    num_batches: Optional[int] = None,
+    *,
+    process_group: Optional[_comm.ProcessGroup] = None,
+    device: Optional[torch.device | str] = None,
+    progress: bool = True,
+) -> None:
+    r"""Set every BatchNorm's running statistics to the exact statistics of ``num_batches`` batches of every rank.
+
+    The model runs in training mode under ``torch.no_grad()`` on ``num_batches`` batches of
+    ``loader`` on every rank of ``process_group``; each layer normalises as in training (a
+    converted model with the statistics of each step's global batch), and every value that enters
+    a BatchNorm layer on any rank is pooled. Then, per channel, with N the number of those values,
+
+    - ``running_mean`` = their mean, ``sum(x) / N``;
+    - ``running_var`` = their variance with Bessel's correction over the global count,
+      ``sum((x - mean)^2) / (N - 1)`` (the convention BatchNorm's ``running_var`` follows),
+
+    i.e. what one process computes from the union of all the batches of all the ranks, not an
+    average of per-batch variances (which misses the spread between batch means). Moments are
+    accumulated and merged in float64 with one all-reduce at the end; every rank gets the same
+    values. Only layers that track running statistics (any ``_BatchNorm``: torch's, syncnorm's,
+    converted subclasses) are updated; a layer that saw fewer than two values in all is left as it
+    was, with a warning. Training flags and ``num_batches_tracked`` are restored afterwards; if
+    anything fails, the running statistics are restored too.
+
+    All ranks must call it together. Ranks stop together at the first batch some rank does not
+    have (one small all-reduce per batch decides), so loaders of unequal length never hang; if
+    ``num_batches`` was asked for and a rank runs out first, every rank raises ``ValueError``.
+
+    Args:
+        model: the model (converted, DDP-wrapped or plain); its BatchNorm layers are updated in place.
+        loader: an iterable of batches; a batch that is a list or tuple is fed as its first element,
+            like ``torch.optim.swa_utils.update_bn``.
+        num_batches: how many batches each rank uses (default: all of them, up to the shortest
+            loader of the group).
+        process_group: the ranks whose batches are pooled (default: the whole world; without an
+            initialised process group, this process alone).
+        device: where each batch is moved before the forward pass (default: left where it is).
+        progress: show a tqdm progress bar on rank 0 (if tqdm is installed).
+
+    Returns:
+        None; the model's running statistics are set in place.
+
+    Example:
+        >>> model = syncnorm.convert_model(model)  # then train, then:
+        >>> syncnorm.update_bn_stats(model, train_loader, num_batches=200)
+        >>> model.eval()  # evaluates with the population statistics
+    """
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"{_WHO} expected num_batches >= 1 or None (all batches), got {num_batches}.")
+    layers = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, _BatchNorm) and m.running_mean is not None and m.running_var is not None
+    ]
+    # Identical models on every rank: either all ranks return here or none does.
+    if not layers:
+        return
+    group = _comm.statistics_group(process_group, _WHO)
+    flags = {m: m.training for m in model.modules()}
+    saved = [(_running(m)[0].clone(), _running(m)[1].clone(), _clone(m.num_batches_tracked)) for _, m in layers]
+    sums: list[Optional[Tensor]] = [None] * len(layers)
+    hooks = [m.register_forward_pre_hook(_accumulator(sums, i)) for i, (_, m) in enumerate(layers)]
+    try:
+        model.train()
+        with torch.no_grad():
+            seen = _run_batches(model, loader, num_batches, group, device, progress, _running(layers[0][1])[0].device)
+        _set_population_statistics(layers, sums, group, seen)
+    except BaseException:
+        for (_, m), (mean, var, _tracked) in zip(layers, saved):
+            _running(m)[0].copy_(mean)
+            _running(m)[1].copy_(var)
+        raise
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, training in flags.items():
+            module.training = training
+        for (_, m), (_mean, _var, tracked) in zip(layers, saved):
+            if tracked is not None and m.num_batches_tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _running(layer: _BatchNorm) -> tuple[Tensor, Tensor]:
+    assert layer.running_mean is not None and layer.running_var is not None  # only such layers are collected
+    return layer.running_mean, layer.running_var
+
+
+def _clone(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.clone()
+
+
+def _accumulator(sums: list[Optional[Tensor]], index: int) -> Any:
+    """A forward pre-hook adding the float64 ``[n, sum x, sum x^2]`` of a layer's input to ``sums[index]``."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach()
+        packed = _stats.pack_moments(_stats.local_moments(x))
+        previous = sums[index]
+        sums[index] = packed if previous is None else previous.add_(packed)
+
+    return hook
+
+
+def _run_batches(
+    model: nn.Module, loader: Iterable[Any], num_batches: Optional[int], group: Optional[_comm.ProcessGroup],
+    device: Optional[torch.device | str], progress: bool, flag_device: torch.device,
+) -> int:
+    """Forward up to ``num_batches`` batches, as many on every rank; the number run."""
+    batches: Iterator[Any] = iter(loader)
+    bar = _progress_bar(num_batches, progress and _comm.group_rank(group) == 0)
+    done = 0
+    try:
+        for _ in itertools.count() if num_batches is None else range(num_batches):
+            batch: Any = next(batches, _END)
+            if not _every_rank_has_a_batch(batch is not _END, group, flag_device):
+                break
+            if isinstance(batch, (list, tuple)):
+                batch = batch[0]
+            model(batch if device is None else batch.to(device))
+            done += 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    if num_batches is not None and done < num_batches:
+        raise ValueError(
+            f"{_WHO} was asked for num_batches={num_batches} but a loader ran out after {done} batches (on this "
+            "rank or another one of the group); pass a smaller num_batches, or None to use every batch the "
+            "shortest loader has."
+        )
+    return done
+
+
+_END = object()
+
+
+def _every_rank_has_a_batch(has_batch: bool, group: Optional[_comm.ProcessGroup], device: torch.device) -> bool:
+    """Whether no rank of ``group`` has run out of batches; every rank gets the same answer."""
+    if group is None:
+        return has_batch
+    missing = torch.tensor([0.0 if has_batch else 1.0], dtype=torch.float64, device=device)
+    _comm.all_reduce_sum(missing, group, _WHO, "number of ranks without a batch")
+    return bool(missing.item() == 0)
+
+
+def _progress_bar(total: Optional[int], show: bool) -> Any:
+    if not show:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar without it
+        return None
+    return tqdm(total=total, desc=_WHO, unit="batch")
+
+
+def _set_population_statistics(
+    layers: list[tuple[str, _BatchNorm]], sums: list[Optional[Tensor]], group: Optional[_comm.ProcessGroup],
+    batches: int,
+) -> None:
+    """Merge every rank's float64 moments with one all-reduce and write mean / unbiased variance."""
+    buffers = [
+        s if s is not None else torch.zeros(1 + 2 * m.num_features, dtype=torch.float64, device=_running(m)[0].device)
+        for s, (_, m) in zip(sums, layers)
+    ]
+    packed = torch.cat([b.to(buffers[0].device) for b in buffers])
+    if group is not None:
+        _comm.all_reduce_sum(packed, group, _WHO, "population moments")
+    for (name, layer), part in zip(layers, packed.split([b.numel() for b in buffers])):
+        total = _stats.unpack_moments(part)
+        count = int(total.num_values.item())
+        if count < 2:
+            warnings.warn(
+                f"{_WHO}: BatchNorm layer '{name}' saw {count} value(s) per channel in {batches} batches on all ranks "
+                "together; its running statistics are left as they were (is it used in the forward pass?).",
+                stacklevel=3,
+            )
+            continue
+        with torch.no_grad():
+            running_mean, running_var = _running(layer)
+            running_mean.copy_(total.mean)
+            running_var.copy_(_stats.unbiased_var(total))

@@ -1,0 +1,204 @@
+"""update_bn_stats: exact population statistics, in one process and pooled over Gloo ranks.
+
+The oracle runs the same model in float64 in this process, records every input of every BatchNorm
+layer and takes ``mean`` and ``var(unbiased=True)`` of all of them with plain torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+from distributed import COLLECTIVES, rank, run_on_ranks
+from reference import assert_close
+from timm.layers.norm_act import BatchNormAct2d
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import syncnorm
+
+
+def bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3), BatchNormAct2d(5, momentum=0.3), nn.Flatten(), nn.Linear(5 * 2 * 2, 6), nn.BatchNorm1d(6),
+    )
+
+
+def batches(sizes: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches (x, label) of 3x4x4 inputs with a large offset (so a sloppy variance shows) and unequal sizes."""
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 3, 4, 4, generator=generator) * 3 + 50, torch.zeros(n)) for n in sizes]
+
+
+def population_statistics(model: nn.Module, steps: list[list[torch.Tensor]]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Float64 oracle: forward each step (a list of per-rank batches, normalised together or apart), pool inputs."""
+    ref = copy.deepcopy(model).double().train()
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name, m in ref.named_modules():
+        if isinstance(m, _BatchNorm):
+            m.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, []).append(args[0]))
+    with torch.no_grad():
+        for parts in steps:
+            for part in parts:
+                ref(part.double())
+    stats = {}
+    for name, inputs in seen.items():
+        values = torch.cat([x.transpose(0, 1).reshape(x.shape[1], -1) for x in inputs], dim=1)
+        stats[name] = (values.mean(1), values.var(1, unbiased=True))
+    return stats
+
+
+def check_statistics(model: nn.Module, expected: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
+    assert sorted(layers) == sorted(expected)
+    for name, (mean, var) in expected.items():
+        assert_close(layers[name].running_mean, mean, torch.float32, f"{name} running_mean")
+        assert_close(layers[name].running_var, var, torch.float32, f"{name} running_var")
+
+
+def test_single_process_gives_population_mean_and_unbiased_variance() -> None:
+    model = bn_model()
+    model.eval()
+    model[4].train()  # a mixed set of flags, restored afterwards
+    model[1].num_batches_tracked.fill_(7)
+    flags = [m.training for m in model.modules()]
+    loader = batches([3, 5, 2], seed=1)
+    expected = population_statistics(model, [[x] for x, _ in loader])
+    syncnorm.update_bn_stats(model, loader, progress=False)
+    check_statistics(model, expected)
+    assert [m.training for m in model.modules()] == flags and True in flags
+    assert int(model[1].num_batches_tracked) == 7 and int(model[4].num_batches_tracked) == 0
+
+
+def test_pooled_variance_is_not_the_average_of_batch_variances() -> None:
+    # Batches with different means: the population variance includes the spread between them.
+    model = nn.Sequential(nn.BatchNorm1d(1))
+    loader = [torch.tensor([[0.0], [2.0]]), torch.tensor([[10.0], [12.0]])]
+    syncnorm.update_bn_stats(model, loader, progress=False)
+    values = torch.tensor([0.0, 2.0, 10.0, 12.0], dtype=torch.float64)
+    assert_close(model[0].running_mean, values.mean().view(1), torch.float32, "mean")
+    assert_close(model[0].running_var, values.var(unbiased=True).view(1), torch.float32, "var")
+
+
+def test_num_batches_uses_the_first_batches_only() -> None:
+    model = bn_model()
+    loader = batches([3, 5, 2, 4], seed=2)
+    expected = population_statistics(model, [[x] for x, _ in loader[:2]])
+    syncnorm.update_bn_stats(model, loader, num_batches=2, progress=False)
+    check_statistics(model, expected)
+
+
+def test_asking_for_more_batches_than_the_loader_has_is_an_error_that_changes_nothing() -> None:
+    model = bn_model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="num_batches=3 but a loader ran out after 2 batches"):
+        syncnorm.update_bn_stats(model, batches([3, 2], seed=3), num_batches=3, progress=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_failing_loader_leaves_statistics_and_flags_as_they_were() -> None:
+    model = bn_model().eval()
+    before = copy.deepcopy(model.state_dict())
+
+    def loader() -> Any:
+        yield batches([3], seed=4)[0]
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        syncnorm.update_bn_stats(model, loader(), progress=False)
+    assert not any(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_unused_layer_is_left_alone_with_a_warning() -> None:
+    model = nn.ModuleDict({"used": nn.BatchNorm1d(2), "unused": nn.BatchNorm1d(2)})
+    model.forward = lambda x: model["used"](x)  # type: ignore[method-assign]
+    with pytest.warns(UserWarning, match="'unused' saw 0 value"):
+        syncnorm.update_bn_stats(model, [torch.randn(4, 2) + 3], progress=False)
+    assert torch.equal(model["unused"].running_mean, torch.zeros(2))
+    assert model["used"].running_mean.min() > 1
+
+
+def rank_update_bn_stats(state: dict[str, Any], loaders: list[list[Any]], convert: bool,
+                         num_batches: Any) -> dict[str, Any]:
+    model = bn_model()
+    model.load_state_dict(state)
+    if convert:
+        syncnorm.convert_model(model)
+    stderr = io.StringIO()
+    COLLECTIVES.reset()
+    error = None
+    with contextlib.redirect_stderr(stderr):
+        try:
+            syncnorm.update_bn_stats(model, loaders[rank()], num_batches=num_batches)
+        except ValueError as e:
+            error = str(e)
+    return {"buffers": {n: b.clone() for n, b in model.named_buffers()}, "stderr": stderr.getvalue(),
+            "calls": COLLECTIVES.names(), "error": error}
+
+
+@pytest.mark.parametrize("convert", [True, False], ids=["converted", "plain-batchnorm"])
+def test_two_ranks_pool_their_batches_and_agree_exactly(convert: bool) -> None:
+    model = bn_model()
+    loaders = [batches([3, 2, 4], seed=5), batches([2, 3, 2], seed=6)]
+    reports = run_on_ranks(2, rank_update_bn_stats, model.state_dict(), loaders, convert, None)
+    # A converted model normalises each step's batches together; plain BatchNorm each rank's apart.
+    steps = [[torch.cat([a, b])] if convert else [a, b] for (a, _), (b, _) in zip(*loaders)]
+    expected = population_statistics(model, steps)
+    layers = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    for name, (mean, var) in expected.items():
+        for r in reports:
+            assert_close(r["buffers"][f"{name}.running_mean"], mean, torch.float32, f"{name} running_mean")
+            assert_close(r["buffers"][f"{name}.running_var"], var, torch.float32, f"{name} running_var")
+    for key in reports[0]["buffers"]:
+        assert torch.equal(reports[0]["buffers"][key], reports[1]["buffers"][key]), f"{key} differs between ranks"
+    # Per batch: one all-reduce agreeing that every rank has it (+ one per layer if converted); one
+    # more finding the loaders exhausted; one for the moments of every layer together.
+    per_batch = 1 + (len(layers) if convert else 0)
+    assert all(r["calls"] == ["all_reduce"] * (3 * per_batch + 2) for r in reports)
+    assert "update_bn_stats" in reports[0]["stderr"] and reports[1]["stderr"] == ""
+
+
+def test_two_ranks_with_unequal_loaders_stop_together() -> None:
+    model = bn_model()
+    loaders = [batches([3, 2, 4], seed=7), batches([2, 3], seed=8)]
+    reports = run_on_ranks(2, rank_update_bn_stats, model.state_dict(), loaders, True, None)
+    expected = population_statistics(model, [[torch.cat([a, b])] for (a, _), (b, _) in zip(*loaders)])
+    for name, (mean, var) in expected.items():
+        for r in reports:
+            assert_close(r["buffers"][f"{name}.running_mean"], mean, torch.float32, f"{name} running_mean")
+            assert_close(r["buffers"][f"{name}.running_var"], var, torch.float32, f"{name} running_var")
+    reports = run_on_ranks(2, rank_update_bn_stats, model.state_dict(), loaders, True, 3)
+    assert all("num_batches=3 but a loader ran out after 2 batches" in r["error"] for r in reports)
+
+
+def rank_precise_resnet18(loaders: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = syncnorm.convert_model(torchvision.models.resnet18(num_classes=4).double())
+    syncnorm.update_bn_stats(model, loaders[rank()], progress=False)
+    return {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+
+
+def test_two_ranks_recompute_resnet18_statistics() -> None:
+    # float64 on the ranks: the statistics of layer4 follow 17 float32 layers (see test_models.py).
+    generator = torch.Generator().manual_seed(9)
+    loaders = [[torch.randn(2, 3, 32, 32, generator=generator, dtype=torch.float64) for _ in range(2)]
+               for _ in range(2)]
+    reports = run_on_ranks(2, rank_precise_resnet18, loaders)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    expected = population_statistics(model, [[torch.cat([a, b])] for a, b in zip(*loaders)])
+    assert len(expected) == 20
+    for name, (mean, var) in expected.items():
+        for r in reports:
+            assert_close(r[f"{name}.running_mean"], mean, torch.float64, f"{name} running_mean")
+            assert_close(r[f"{name}.running_var"], var, torch.float64, f"{name} running_var")
