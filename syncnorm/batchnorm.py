@@ -105,15 +105,21 @@ class SyncBatchNorm(_BatchNorm):
         # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
         self.last_input_dim = input.dim()
 
-        tracks = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        # A forward that autograd re-runs inside backward (activation checkpointing) recomputes a batch
+        # already counted: it still synchronises (every rank recomputes), but updates nothing.
+        recomputing = _inside_backward()
+        tracks = (
+            self.training and self.track_running_stats and self.num_batches_tracked is not None and not recomputing
+        )
         if self.momentum is None:
             # Cumulative average: this batch's weight, once it is counted.
             factor = 1.0 / float(self.num_batches_tracked + 1) if tracks else 0.0  # type: ignore[operator]
         else:
             factor = self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        running_mean = self.running_mean if not self.training or self.track_running_stats else None
-        running_var = self.running_var if not self.training or self.track_running_stats else None
+        uses_buffers = not self.training or (self.track_running_stats and not recomputing)
+        running_mean = self.running_mean if uses_buffers else None
+        running_var = self.running_var if uses_buffers else None
 
         group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
         output = sync_batch_norm(
@@ -133,6 +139,12 @@ class SyncBatchNorm(_BatchNorm):
         from .convert import convert_model
 
         return convert_model(module, process_group)
+
+
+def _inside_backward() -> bool:
+    """Whether autograd is running a backward pass right now (a checkpointed forward being recomputed)."""
+    current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return current_graph_task_id is not None and current_graph_task_id() != -1
 
 
 def sync_batch_norm(

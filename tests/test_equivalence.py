@@ -391,3 +391,36 @@ def test_large_mean_small_spread_is_as_exact_as_float32_allows() -> None:
     for key, bound in bounds.items():
         ours_error = (torch.cat([r[0][key] for r in reports]).double() - reference[key]).abs().max()
         assert ours_error <= bound, (key, ours_error, bound)
+
+
+def rank_checkpointed_step(x: torch.Tensor, dy: torch.Tensor, sizes: list[int], state: dict[str, Any],
+                           reentrant: bool) -> dict[str, Any]:
+    model = _conv_bn_model()
+    model.load_state_dict(state)
+    model = syncnorm.convert_model(model)
+    xl = my_slice(x, sizes).requires_grad_()
+    y = torch.utils.checkpoint.checkpoint(model, xl, use_reentrant=reentrant)
+    (y * my_slice(dy, sizes)).sum().backward()
+    return {"y": y.detach(), "grad_x": xl.grad, "grads": {n: p.grad for n, p in model.named_parameters()},
+            "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_counts_each_batch_once(reentrant: bool) -> None:
+    torch.manual_seed(2)
+    sizes = [3, 5]
+    x = torch.randn(sum(sizes), 2, 6, 6) * 2 + 1
+    dy = torch.randn(sum(sizes), 3, 4, 4)
+    model = _conv_bn_model()
+    reports = run_on_ranks(2, rank_checkpointed_step, x, dy, sizes, model.state_dict(), reentrant)
+    ref = model.double()  # no checkpointing: running statistics updated once per step
+    x64 = x.double().requires_grad_()
+    y = ref(x64)
+    (y * dy.double()).sum().backward()
+    assert_close(torch.cat([r["y"] for r in reports]), y.detach(), torch.float32, "output")
+    assert_close(torch.cat([r["grad_x"] for r in reports]), x64.grad, torch.float32, "grad_x")
+    for name, p in ref.named_parameters():
+        assert_close(sum(r["grads"][name].double() for r in reports), p.grad, torch.float32, name)
+    for name, b in ref.named_buffers():
+        for r in reports:
+            assert_close(r["buffers"][name], b, torch.float32, name)
