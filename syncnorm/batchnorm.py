@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm
+from . import _comm, _validate
 from ._function import SyncBatchNormFunction
 
 
@@ -100,6 +100,9 @@ class SyncBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: Tensor) -> Tensor:
+        validating = _validate.enabled()
+        if validating:  # first, so a bad input on one rank raises on every rank, not only there
+            _validate.check_forward(self, input)
         self._check_input_dim(input)
         if self.training and self.eps <= 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
@@ -124,6 +127,8 @@ class SyncBatchNorm(_BatchNorm):
                 input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group,
                 self._describe(),
             )
+            if validating:
+                _validate.check_backward(self, output, input)
         # Counted only once the step succeeded, so a failed step leaves the layer as it was.
         if tracks:
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
