@@ -74,8 +74,3 @@ def all_gather_fingerprints(fingerprint: Tensor, group: ProcessGroup, layer: str
 def group_ranks(group: ProcessGroup) -> list[int]:
     """The global ranks of ``group``, in group-rank order (for messages)."""
     return list(dist.get_process_group_ranks(group))
-
-
-def rank_in(group: ProcessGroup) -> int:
-    """This process's rank within ``group``."""
-    return int(dist.get_rank(group))

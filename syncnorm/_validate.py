@@ -164,19 +164,23 @@ def _fingerprint(*, phase: int, features: int, training: bool, dtype: Any, dim: 
 
 
 def _compare(fingerprint: Tensor, group: _comm.ProcessGroup, layer: str) -> None:
-    """All-gather the fingerprints; every rank sees the same table and so raises the same error."""
+    """All-gather the fingerprints; every rank sees the same table and so raises the same error, word for word."""
     table = _comm.all_gather_fingerprints(fingerprint, group, layer).cpu()
     if bool((table == table[0]).all()):
         return
-    ranks = _comm.group_ranks(group)
-    mine = table[_comm.rank_in(group)]
-    raise SyncNormError(_describe_difference(table, ranks, mine))
+    raise SyncNormError(_describe_difference(table, _comm.group_ranks(group)))
 
 
-def _describe_difference(table: Tensor, ranks: list[int], mine: Tensor) -> str:
+def _describe_difference(table: Tensor, ranks: list[int]) -> str:
     """Which field differs, with every rank's value, and what to do about it."""
     names = [_name(row) for row in table]
-    where = f"layer '{_name(mine)}'" if _name(mine) else "an unnamed syncnorm layer (convert_model names them)"
+    if len(set(names)) > 1:
+        where = "the ranks of a process group reached different syncnorm layers"
+    elif names[0]:
+        where = f"layer '{names[0]}' is not the same on every rank of its process group"
+    else:
+        where = ("an unnamed syncnorm layer (syncnorm.convert_model names them) is not the same on every rank "
+                 "of its process group")
     problems = []
     if len(set(table[:, _PHASE].tolist())) > 1:
         doing = ", ".join(f"rank {r} in the {_PHASES[int(row[_PHASE])]} of '{n}'"
@@ -196,7 +200,7 @@ def _describe_difference(table: Tensor, ranks: list[int], mine: Tensor) -> str:
 
 def _message(where: str, problems: list[str]) -> str:
     return (
-        f"syncnorm validation: {where} is not the same on every rank of its process group: "
+        f"syncnorm validation: {where}: "
         + "; ".join(problems)
         + ". Every rank must run the same syncnorm layers, in the same order, in the same mode, with "
         "inputs of the same rank and dtype."
