@@ -448,3 +448,138 @@ def test_a_failed_collective_leaves_parameters_and_running_stats_as_they_were(ph
         assert report["error"] == "SyncNormError" and "injected fault" in report["message"], report
         assert "block.bn" in report["message"]
         assert report["unchanged"] and report["no_grads"]
+
+
+# --------------------------------------------------------------------------- bad input across ranks
+
+def rank_six_d_everywhere(validate: bool) -> dict[str, Any]:
+    bn = _layer()
+    before = _state(bn)
+    COLLECTIVES.reset()
+    try:
+        with validation(validate):
+            bn(torch.randn(2, 3, 1, 1, 1, 2))
+    except ValueError as error:
+        return {**_caught(error), "unchanged": _unchanged(before, bn), "calls": COLLECTIVES.names()}
+    return {"error": None}
+
+
+@pytest.mark.parametrize("validate", [False, True], ids=["plain", "validating"])
+def test_six_d_input_on_every_rank_raises_value_error_on_every_rank(validate: bool) -> None:
+    for report in run_on_ranks(2, rank_six_d_everywhere, validate):
+        assert report["error"] == "ValueError" and "expected input of 2 to 5 dimensions" in report["message"]
+        assert "block.bn" in report["message"] and report["unchanged"]
+        # Refused before the statistics all-reduce (the validation all-gather, if on, agreed).
+        assert report["calls"] == (["all_gather"] if validate else [])
+
+
+def rank_train_on_slices(steps: list[dict[str, Any]], validate: bool) -> list[dict[str, Any]]:
+    bn = _layer(steps[0]["x"].shape[1])
+    reports = []
+    with validation(validate):
+        for step in steps:
+            x = my_slice(step["x"], step["sizes"]).requires_grad_()
+            y = bn(x)
+            (y * my_slice(step["dy"], step["sizes"])).sum().backward()
+            reports.append({"y": y.detach(), "grad_x": x.grad, **_state(bn)})
+    return reports
+
+
+def _reference_of_steps(steps: list[dict[str, Any]], channels: int) -> list[dict[str, Any]]:
+    layer = _layer(channels)
+    reference = reference_module(2, channels, {}, layer.weight.detach(), layer.bias.detach())
+    with torch.no_grad():
+        reference.running_mean.copy_(layer.running_mean)
+        reference.running_var.copy_(layer.running_var)
+    return [reference_step(reference, step["x"], step["dy"]) for step in steps]
+
+
+def _assert_matches(reports: list[list[dict[str, Any]]], expected: list[dict[str, Any]]) -> None:
+    """Every step: outputs and input gradients over all ranks, and every rank's buffers (NaN where torch has NaN)."""
+    for i, step in enumerate(expected):
+        for key in ("y", "grad_x"):
+            got = torch.cat([per_rank[i][key] for per_rank in reports]).double()
+            torch.testing.assert_close(got, step[key], rtol=1e-5, atol=1e-5, equal_nan=True,
+                                       msg=lambda m, i=i, key=key: f"step {i} {key}: {m}")
+        for per_rank in reports:
+            for key in ("running_mean", "running_var"):
+                got, want = per_rank[i][key].double(), step[key]
+                # Non-finite exactly where torch's are. Where torch keeps +-inf (the running mean of a
+                # channel holding an inf), syncnorm has NaN: its shifted sums meet inf - inf.
+                assert torch.equal(torch.isfinite(got), torch.isfinite(want)), (i, key, got, want)
+                finite = torch.isfinite(want)
+                torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5,
+                                           msg=lambda m, i=i, key=key: f"step {i} {key}: {m}")
+            assert int(per_rank[i]["num_batches_tracked"]) == int(step["num_batches_tracked"])
+
+
+def test_nan_and_inf_on_one_rank_propagate_like_batchnorm_and_crash_nobody() -> None:
+    generator = torch.Generator().manual_seed(7)
+    sizes = [3, 4]
+    x = torch.randn(sum(sizes), 3, generator=generator)
+    x[1, 0] = float("nan")  # rank 0's part, channel 0
+    x[5, 1] = float("inf")  # rank 1's part, channel 1; channel 2 stays finite
+    dy = torch.randn(sum(sizes), 3, generator=generator)
+    steps = [{"x": x, "dy": dy, "sizes": sizes}]
+    reports = run_on_ranks(2, rank_train_on_slices, steps, False)
+    expected = _reference_of_steps(steps, 3)
+    assert torch.isnan(expected[0]["y"][:, :2]).all() and torch.isfinite(expected[0]["y"][:, 2]).all()
+    _assert_matches(reports, expected)
+
+
+@pytest.mark.parametrize("validate", [False, True], ids=["plain", "validating"])
+def test_all_empty_global_batches_between_others_leave_running_stats_like_batchnorm(validate: bool) -> None:
+    generator = torch.Generator().manual_seed(8)
+    steps = []
+    for sizes in ([0, 0, 0], [2, 0, 3], [0, 0, 0], [0, 2, 1]):
+        x = torch.randn(sum(sizes), 4, generator=generator) * 3 - 1
+        steps.append({"x": x, "dy": torch.randn(x.shape, generator=generator), "sizes": sizes})
+    reports = run_on_ranks(3, rank_train_on_slices, steps, validate)
+    expected = _reference_of_steps(steps, 4)
+    assert all(r[0]["y"].shape == (0, 4) for r in reports)
+    _assert_matches(reports, expected)
+
+
+def rank_global_count_of_one(validate: bool) -> dict[str, Any]:
+    bn = _layer()
+    before = _state(bn)
+    try:
+        with validation(validate):
+            bn(torch.randn(1 if rank() == 1 else 0, 3))
+    except ValueError as error:
+        return {**_caught(error), "unchanged": _unchanged(before, bn)}
+    return {"error": None}
+
+
+@pytest.mark.parametrize("validate", [False, True], ids=["plain", "validating"])
+def test_one_value_per_channel_spread_over_ranks_raises_value_error_on_every_rank(validate: bool) -> None:
+    for report in run_on_ranks(3, rank_global_count_of_one, validate):
+        assert report["error"] == "ValueError", report
+        assert "Expected more than 1 value per channel when training" in report["message"]
+        assert report["unchanged"]
+
+
+_PAIR_GROUPS: dict[str, Any] = {}
+
+
+def rank_group_without_this_rank(x: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
+    if "01" not in _PAIR_GROUPS:  # new_group is collective: every rank builds it, once per pool
+        _PAIR_GROUPS["01"] = dist.new_group([0, 1])
+    bn = syncnorm.SyncBatchNorm(3, process_group=_PAIR_GROUPS["01"])
+    before = _state(bn)
+    try:
+        y = bn(my_slice(x, sizes))
+    except SyncNormError as error:
+        return {**_caught(error), "unchanged": _unchanged(before, bn)}
+    return {"error": None, "y": y}
+
+
+def test_a_process_group_without_this_rank_is_refused_there_and_the_members_go_on() -> None:
+    x = torch.randn(9, 3) * 2 + 1
+    sizes = [4, 3, 2]
+    members_0, members_1, outsider = run_on_ranks(3, rank_group_without_this_rank, x, sizes)
+    assert outsider["error"] == "SyncNormError" and outsider["unchanged"]
+    assert "not a member of the layer's process_group" in outsider["message"]
+    assert "new_sync_groups" in outsider["message"]
+    expected = reference_step(reference_module(2, 3, {}, None, None), x[:7], None)
+    assert_close(torch.cat([members_0["y"], members_1["y"]]), expected["y"], torch.float32, "members' output")
