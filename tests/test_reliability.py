@@ -452,22 +452,36 @@ def test_a_failed_collective_leaves_parameters_and_running_stats_as_they_were(ph
 
 # --------------------------------------------------------------------------- bad input across ranks
 
-def rank_six_d_everywhere(validate: bool) -> dict[str, Any]:
+BAD_INPUTS = {
+    # the core's bad inputs (tests/test_module.py) and a 6-D one, given to every rank at once
+    "1-D": (torch.randn(8), ValueError, "expected input of 2 to 5 dimensions"),
+    "6-D": (torch.randn(2, 3, 1, 1, 1, 2), ValueError, "expected input of 2 to 5 dimensions"),
+    "wrong-channels": (torch.randn(4, 5, 2), ValueError, "expected 3 channels"),
+    "integer": (torch.ones(4, 3, dtype=torch.long), TypeError, "expected a floating-point input"),
+    "complex": (torch.ones(4, 3, dtype=torch.complex64), TypeError, "expected a floating-point input"),
+    "not-a-tensor": ([[1.0, 2.0, 3.0]] * 4, TypeError, "expected a torch.Tensor"),
+}
+
+
+def rank_bad_input_everywhere(x: Any, validate: bool) -> dict[str, Any]:
     bn = _layer()
     before = _state(bn)
     COLLECTIVES.reset()
     try:
         with validation(validate):
-            bn(torch.randn(2, 3, 1, 1, 1, 2))
-    except ValueError as error:
+            bn(x)
+    except (ValueError, TypeError) as error:
         return {**_caught(error), "unchanged": _unchanged(before, bn), "calls": COLLECTIVES.names()}
     return {"error": None}
 
 
 @pytest.mark.parametrize("validate", [False, True], ids=["plain", "validating"])
-def test_six_d_input_on_every_rank_raises_value_error_on_every_rank(validate: bool) -> None:
-    for report in run_on_ranks(2, rank_six_d_everywhere, validate):
-        assert report["error"] == "ValueError" and "expected input of 2 to 5 dimensions" in report["message"]
+@pytest.mark.parametrize("bad", BAD_INPUTS.values(), ids=list(BAD_INPUTS))
+def test_bad_input_on_every_rank_raises_the_same_error_on_every_rank(bad: tuple[Any, type, str],
+                                                                       validate: bool) -> None:
+    x, error, text = bad
+    for report in run_on_ranks(2, rank_bad_input_everywhere, x, validate):
+        assert report["error"] == error.__name__ and text in report["message"], report
         assert "block.bn" in report["message"] and report["unchanged"]
         # Refused before the statistics all-reduce (the validation all-gather, if on, agreed).
         assert report["calls"] == (["all_gather"] if validate else [])
