@@ -39,6 +39,9 @@ from syncnorm._validate import validation  # to be exported as syncnorm.validati
 GROUP_TIMEOUT_S = 2.0
 # Far above what a case needs (fork, connect, one group timeout); reaching it means a hang.
 DEDICATED_DEADLINE_S = 60.0
+# In a dedicated world: the whole world, with the short timeout; the layers of ``_layer()`` use it.
+# None in the shared pools (the layers then use the default group).
+_SHORT_TIMEOUT_GROUP: Any = None
 
 
 # --------------------------------------------------------------------------- dedicated worlds
@@ -57,9 +60,13 @@ class Outcome:
 
 def _dedicated_worker(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple[Any, ...],
                       results: Any) -> None:
+    global _SHORT_TIMEOUT_GROUP
     torch.set_num_threads(1)
+    # Joining may take long on a loaded machine; only the group the layers use has the short timeout.
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
+                            timeout=datetime.timedelta(seconds=DEDICATED_DEADLINE_S))
+    _SHORT_TIMEOUT_GROUP = dist.new_group(list(range(world_size)),
+                                          timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S))
     try:
         outcome: tuple[str, Any] = ("returned", fn(*args))
     except BaseException as error:  # report everything to the parent, with the traceback
@@ -146,7 +153,8 @@ def _unchanged(before: dict[str, torch.Tensor], model: nn.Module) -> bool:
 
 def _layer(channels: int = 3) -> syncnorm.SyncBatchNorm:
     """A converted layer named 'block.bn', with non-trivial parameters and buffers."""
-    model = syncnorm.convert_model(nn.ModuleDict({"block": nn.ModuleDict({"bn": nn.BatchNorm1d(channels)})}))
+    model = syncnorm.convert_model(nn.ModuleDict({"block": nn.ModuleDict({"bn": nn.BatchNorm1d(channels)})}),
+                                   process_group=_SHORT_TIMEOUT_GROUP)
     bn = model["block"]["bn"]  # type: ignore[index]
     assert isinstance(bn, syncnorm.SyncBatchNorm) and bn.layer_name == "block.bn"
     with torch.no_grad():
