@@ -170,23 +170,29 @@ def _stay_silent() -> None:
     time.sleep(GROUP_TIMEOUT_S + 1)
 
 
-def rank_peer_exits_before_forward() -> dict[str, Any]:
+def rank_peer_exits_before_forward(validate: bool) -> dict[str, Any]:
     if rank() == 1:
         os._exit(0)
     bn = _layer()
     before = _state(bn)
     try:
-        bn(torch.randn(4, 3))
+        with validation(validate):
+            bn(torch.randn(4, 3))
     except SyncNormError as error:
         return {**_caught(error), "unchanged": _unchanged(before, bn)}
     return {"error": None}
 
 
-def test_peer_that_exits_before_the_forward_gives_an_error_and_changes_nothing() -> None:
-    survivor, dead = run_dedicated(2, rank_peer_exits_before_forward)
+@pytest.mark.parametrize("validate", [False, True], ids=["plain", "validating"])
+def test_peer_that_exits_before_the_forward_gives_an_error_and_changes_nothing(validate: bool) -> None:
+    survivor, dead = run_dedicated(2, rank_peer_exits_before_forward, validate)
     assert dead.status == "died"
     report = _returned(survivor)
-    _assert_syncnorm_error_with_hint(report)
+    if validate:  # the validation all-gather is the first collective to find the peer gone
+        assert report["error"] == "SyncNormError" and "block.bn" in report["message"], report
+        assert "the validation all-gather over 2 ranks failed" in report["message"], report
+    else:
+        _assert_syncnorm_error_with_hint(report)
     assert report["unchanged"]
 
 
