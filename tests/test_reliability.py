@@ -262,24 +262,30 @@ def test_bad_input_on_one_rank_without_validation_raises_there_and_times_out_els
     assert good["unchanged"] and bad["unchanged"]
 
 
-def rank_skips_backward_then_runs_the_next_forward(validate: bool) -> dict[str, Any]:
-    bn = _layer()
-    with validation(validate):
-        try:
-            y = bn(torch.randn(4, 3, requires_grad=True))
-            if rank() == 0:
-                y.sum().backward()
-            bn(torch.randn(4, 3, requires_grad=True))
-        except SyncNormError as error:
-            return _caught(error)
+def rank_mismatch_without_validation(case: str) -> dict[str, Any]:
+    """Rank 1 differs as ``case`` says; no validation mode, so only the collectives can notice."""
+    odd = rank() == 1
+    bn = _layer(4 if case == "width" and odd else 3)
+    x = torch.randn(4, bn.num_features, dtype=torch.float64 if case == "dtype" and odd else torch.float32)
+    bn.to(x.dtype)
+    try:
+        y = bn(x.requires_grad_())
+        if case != "skipped-backward" or not odd:
+            y.sum().backward()
+        bn(torch.randn(4, bn.num_features, dtype=x.dtype, requires_grad=True))
+    except SyncNormError as error:
+        return _caught(error)
     return {"error": None}
 
 
-def test_skipped_backward_followed_by_a_forward_without_validation_never_hangs() -> None:
-    # Rank 0's backward all-reduce (2C float32) meets rank 1's next forward all-reduce (2C+1 float64).
-    # Gloo refuses the size mismatch: it aborts the receiving process ("Is there a distributed
+@pytest.mark.parametrize("case", ["skipped-backward", "width", "dtype"])
+def test_mismatched_collectives_without_validation_never_hang(case: str) -> None:
+    # skipped-backward: rank 0's backward all-reduce (2C float32) meets rank 1's next forward
+    # all-reduce (2C+1 float64). width: 7 values meet 9. dtype: the forward buffers agree (float64
+    # either way, and the merged statistics are right), the backward sums do not (float32 vs float64).
+    # Gloo refuses every size mismatch: it aborts the receiving process ("Is there a distributed
     # collective mismatch in your code?") and the other rank gets a SyncNormError. No hang, no mixing.
-    outcomes = run_dedicated(2, rank_skips_backward_then_runs_the_next_forward, False)
+    outcomes = run_dedicated(2, rank_mismatch_without_validation, case)
     assert all(o.status in ("returned", "died") for o in outcomes), outcomes
     survivors = [o.value for o in outcomes if o.status == "returned"]
     assert survivors, outcomes
