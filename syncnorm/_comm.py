@@ -55,7 +55,6 @@ def all_reduce_sum(buffer: Tensor, group: ProcessGroup, layer: str, what: str) -
         ) from error
 
 
-
 def all_gather_fingerprints(fingerprint: Tensor, group: ProcessGroup, layer: str) -> Tensor:
     """Every rank's ``fingerprint`` (same size on each), stacked in group-rank order; validation mode only."""
     gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size(group))]
