@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from ._errors import SyncNormError
+from ._validate import validation
 from .batchnorm import SyncBatchNorm
 from .convert import convert_model, revert_model
 from .groups import new_sync_groups
 from .precise import update_bn_stats
 
-__all__ = ["SyncBatchNorm", "SyncNormError", "convert_model", "new_sync_groups", "revert_model", "update_bn_stats"]
+__all__ = [
+    "SyncBatchNorm",
+    "SyncNormError",
+    "convert_model",
+    "new_sync_groups",
+    "revert_model",
+    "update_bn_stats",
+    "validation",
+]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -59,3 +60,23 @@ def group_rank(group: Optional[ProcessGroup]) -> int:
     if group is None:
         return 0
     return int(dist.get_rank(group))
+
+
+def all_gather_fingerprints(fingerprint: Tensor, group: ProcessGroup, layer: str) -> Tensor:
+    """Every rank's ``fingerprint`` (same size on each), stacked in group-rank order; validation mode only."""
+    gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size(group))]
+    try:
+        dist.all_gather(gathered, fingerprint, group=group)
+    except RuntimeError as error:
+        raise SyncNormError(
+            f"{layer}: the validation all-gather over {dist.get_world_size(group)} ranks failed: {error}. "
+            "A peer may have died, skipped this layer, or timed out. In validation mode every forward of a "
+            "syncnorm layer is collective, in eval mode too: evaluate on a single rank under "
+            "`with syncnorm.validation(False):`."
+        ) from error
+    return torch.stack(gathered)
+
+
+def group_ranks(group: ProcessGroup) -> list[int]:
+    """The global ranks of ``group``, in group-rank order (for messages)."""
+    return list(dist.get_process_group_ranks(group))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm
+from . import _comm, _validate
 from ._function import SyncBatchNormFunction
 
 
@@ -101,6 +101,9 @@ class SyncBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: Tensor) -> Tensor:
+        validating = _validate.enabled()
+        if validating:  # first, so a bad input on one rank raises on every rank, not only there
+            _validate.check_forward(self, input)
         self._check_input_dim(input)
         # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
         self.last_input_dim = input.dim()
@@ -126,6 +129,8 @@ class SyncBatchNorm(_BatchNorm):
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps,
             group=group, layer=self._describe(),
         )
+        if validating and group is not None:
+            _validate.check_backward(self, output, input)
         # Counted only once the step succeeded, so a failed step leaves the layer as it was.
         if tracks:
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
