@@ -73,7 +73,7 @@ def test_compiled_model_trains_like_eager_and_like_one_process_on_two_ranks() ->
             compiled = torch.cat([r["compiled"]["steps"][step][key] for r in reports])
             eager = torch.cat([r["eager"]["steps"][step][key] for r in reports])
             torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
-            torch.testing.assert_close(compiled.double(), reference[step][key], **tol)  # type: ignore[arg-type]
+            torch.testing.assert_close(compiled.double(), reference[step][key], **tol)
         # Each rank holds its share of the parameter gradients; their sum is the whole batch's.
         summed = [sum(g) for g in zip(*(r["compiled"]["steps"][step]["grads"] for r in reports))]
         for ours, expected in zip(summed, reference[step]["grads"]):
