@@ -73,7 +73,11 @@ def local_moments(x: Tensor) -> LocalMoments:
     x_acc = x if x.dtype == dtype else x.to(dtype)
     shift = x_acc.sum(reduce_dims(x)).div_(count)
     ones = torch.ones(channels, dtype=dtype, device=x.device)
-    deviation = torch.batch_norm(x_acc, None, None, shift, ones, False, 0.0, 0.0, False)
+    # x - shift; the eval-mode batch_norm kernel is the faster way except on (N, C) input.
+    if x.dim() == 2:
+        deviation = x_acc - shift
+    else:
+        deviation = torch.batch_norm(x_acc, None, None, shift, ones, False, 0.0, 0.0, False)
     _, sum_sq_dev, sum_dev = torch.ops.aten.native_batch_norm_backward(
         deviation, deviation, None, torch.zeros_like(shift), ones, None, None, False, 0.0, [False, True, True]
     )
