@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from overlap import AsyncBackward, OverlapBatchNorm, PipelinedForward
 from torch import Tensor, nn
 
 import syncnorm
@@ -84,11 +85,43 @@ def local_batchnorm(channels: int, dims: int) -> nn.Module:
     return nn.BatchNorm1d(channels) if dims == 2 else nn.BatchNorm2d(channels)
 
 
+class BareAllReduces(nn.Module):
+    """Only syncnorm's two collectives (sizes of a C-channel layer): the communication floor of a step."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.forward_buffer = torch.zeros(2 * channels + 1, dtype=torch.float64)
+        self.backward_buffer = torch.zeros(2 * channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dist.all_reduce(self.forward_buffer)
+        return _BackwardAllReduce.apply(x, self.backward_buffer)
+
+
+class _BackwardAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, buffer: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.buffer = buffer
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        dist.all_reduce(ctx.buffer)
+        return grad, None
+
+
+OVERLAP_VARIANTS: dict[str, Callable[[int, int], nn.Module]] = {
+    "syncnorm + async backward": lambda c, d: OverlapBatchNorm(c, AsyncBackward),
+    "syncnorm + 2 channel groups fwd": lambda c, d: OverlapBatchNorm(c, PipelinedForward, 2),
+    "syncnorm + 4 channel groups fwd": lambda c, d: OverlapBatchNorm(c, PipelinedForward, 4),
+}
+
 VARIANTS: dict[str, Callable[[int, int], nn.Module]] = {
     "local BatchNorm": local_batchnorm,
     "local BatchNorm (A/A)": local_batchnorm,
     "naive all-reduce SyncBN": lambda c, d: NaiveSyncBatchNorm(c),
     "syncnorm": lambda c, d: syncnorm.SyncBatchNorm(c),
+    "2 bare all-reduces (comm floor)": lambda c, d: BareAllReduces(c),
 }
 
 
@@ -119,8 +152,8 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: 
         timeout=datetime.timedelta(seconds=120),
     )
     variant_factories = dict(VARIANTS)
-    for extra in args.extra_variants:
-        variant_factories.update(extra)
+    if args.overlap:
+        variant_factories.update(OVERLAP_VARIANTS)
     rows: dict[str, dict[str, float]] = {}
     for shape_name in args.shapes:
         shape, channels_last = SHAPES[shape_name]
@@ -213,9 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="timed steps (median over them)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up on the ranks")
-    args = parser.parse_args(argv)
-    args.extra_variants = []
-    return args
+    parser.add_argument("--overlap", action="store_true", help="also time the overlap prototypes of overlap.py")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
