@@ -73,9 +73,11 @@ def local_moments(x: Tensor) -> LocalMoments:
     x_acc = x if x.dtype == dtype else x.to(dtype)
     shift = x_acc.sum(reduce_dims(x)).div_(count)
     ones = torch.ones(channels, dtype=dtype, device=x.device)
-    # x - shift; the eval-mode batch_norm kernel is the faster way except on (N, C) input.
-    if x.dim() == 2:
-        deviation = x_acc - shift
+    # deviation = x - shift, rounded once either way. A broadcast subtraction is the faster kernel on
+    # (N, C) and channels-first input, the eval-mode batch_norm kernel (weight 1, bias -shift) on
+    # channels-last input (measured, docs/performance.md).
+    if x_acc.is_contiguous():
+        deviation = x_acc - shift.view(1, channels, *([1] * (x.dim() - 2)))
     else:
         deviation = torch.batch_norm(x_acc, None, None, shift, ones, False, 0.0, 0.0, False)
     _, sum_sq_dev, sum_dev = torch.ops.aten.native_batch_norm_backward(
