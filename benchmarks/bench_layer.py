@@ -211,32 +211,35 @@ def print_layer_table(world: int, rows: dict[str, dict[str, float]], baseline: s
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 
-def communication_rows(channels: int, worlds: list[int]) -> list[tuple[int, int, int, int, int]]:
-    """(W, syncnorm fwd bytes, syncnorm bwd bytes, torch fwd bytes, torch bwd bytes) per layer and step.
+def communication_rows(channels: int, world: int) -> tuple[int, int, float, float]:
+    """Per layer and training step, for one rank: (syncnorm payload B, torch payload B, syncnorm wire B,
+    torch wire B).
 
-    syncnorm: forward one all-reduce of 2C+1 float64, backward one all-reduce of 2C float32, for any W.
-    torch.nn.SyncBatchNorm (float32 input): forward all_gather of W*(2C+1) float32 (mean, invstd, count
-    of every rank, each rank receives all of them), backward one all-reduce of 2C float32.
+    Payload = what the collectives hand back to the rank: syncnorm's forward all-reduce of 2C+1
+    float64 and backward all-reduce of 2C float32, whatever W; torch.nn.SyncBatchNorm's forward
+    all_gather of W*(2C+1) float32 (mean, invstd, count of every rank) and the same backward
+    all-reduce. Wire = bytes a rank sends with bandwidth-optimal ring algorithms: an all-reduce of S
+    bytes sends 2(W-1)/W*S, an all_gather of W pieces of S bytes sends (W-1)*S.
     """
-    rows = []
-    for w in worlds:
-        rows.append((w, (2 * channels + 1) * 8, 2 * channels * 4, w * (2 * channels + 1) * 4, 2 * channels * 4))
-    return rows
+    fwd, bwd, gathered = (2 * channels + 1) * 8, 2 * channels * 4, (2 * channels + 1) * 4
+    ring = 2 * (world - 1) / world
+    return fwd + bwd, world * gathered + bwd, ring * (fwd + bwd), (world - 1) * gathered + ring * bwd
 
 
-def print_communication_table(channels_list: list[int]) -> None:
-    worlds = [2, 8, 64, 1024]
-    print("\nCommunication per layer per training step (payload bytes a rank sends into / gets out of a "
-          "collective).\nsyncnorm: 1 all-reduce of (2C+1)*8 B forward + 1 all-reduce of 2C*4 B backward, "
-          "independent of W.\ntorch.nn.SyncBatchNorm: 1 all_gather with W*(2C+1)*4 B received forward "
-          "+ 1 all-reduce of 2C*4 B backward.")
-    print("| C | W | syncnorm collectives | syncnorm bytes fwd+bwd | torch collectives | torch bytes fwd+bwd "
-          "| torch / syncnorm |")
-    print("|---|---|---|---|---|---|---|")
+def print_communication_table(channels_list: list[int], worlds: tuple[int, ...] = (2, 8, 64, 1024)) -> None:
+    print("\nCommunication per layer per training step, one rank (model, see communication_rows):\n"
+          "syncnorm: 1 all-reduce of (2C+1) float64 forward + 1 all-reduce of 2C float32 backward; "
+          "payload (2C+1)*8 + 2C*4 B for any W, ring wire 2(W-1)/W times that.\n"
+          "torch.nn.SyncBatchNorm: 1 all_gather of W*(2C+1) float32 forward + 1 all-reduce of 2C float32 "
+          "backward; payload W*(2C+1)*4 + 2C*4 B, ring wire (W-1)*(2C+1)*4 + 2(W-1)/W*2C*4 B.")
+    print("| C | W | collectives (both) | syncnorm payload B | torch payload B | syncnorm wire B "
+          "| torch wire B | torch / syncnorm (wire) |")
+    print("|---|---|---|---|---|---|---|---|")
     for channels in channels_list:
-        for w, sf, sb, tf, tb in communication_rows(channels, worlds):
-            print(f"| {channels} | {w} | 1 all-reduce + 1 all-reduce | {sf + sb:,} | 1 all_gather + 1 all-reduce "
-                  f"| {tf + tb:,} | {(tf + tb) / (sf + sb):.1f}x |")
+        for w in worlds:
+            sp, tp, sw, tw = communication_rows(channels, w)
+            print(f"| {channels} | {w} | 2 (1 fwd + 1 bwd) | {sp:,} | {tp:,} | {sw:,.0f} | {tw:,.0f} "
+                  f"| {tw / sw:.1f}x |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
