@@ -15,6 +15,7 @@ Run:
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import statistics
 import time
@@ -94,7 +95,8 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))
     group = dist.group.WORLD
-    print(f"torch {torch.__version__}, 1 thread, thread CPU time, median of interleaved repetitions")
+    print(f"torch {torch.__version__}, 1 thread, load average {os.getloadavg()[0]:.1f}; thread CPU time, "
+          "median of interleaved repetitions")
     print("\n| shape (per rank) | local BatchNorm fwd+bwd ms | syncnorm fwd+bwd ms (1-rank Gloo) | ratio |")
     print("|---|---|---|---|")
     kernel_rows = []

@@ -255,10 +255,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores; shapes are per rank; "
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, load average before "
+          f"{os.getloadavg()[0]:.1f}; shapes are per rank; "
           f"{args.warmup} warm-up + {args.steps} timed steps, variants interleaved")
     for world in args.world_sizes:
-        print_layer_table(world, measure(world, args))
+        rows = measure(world, args)
+        print_layer_table(world, rows)
+        print(f"(load average after: {os.getloadavg()[0]:.1f})")
     print("torch.nn.SyncBatchNorm: not measured (it refuses CPU tensors; see benchmarks/gpu.sh for CUDA).")
     print_communication_table(sorted({SHAPES[s][0][1] for s in args.shapes}))
 

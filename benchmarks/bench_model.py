@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
             p.join(timeout=60)
             if p.is_alive():
                 p.kill()
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores; W={args.world_size} Gloo ranks, 1 thread each, "
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, load average after {os.getloadavg()[0]:.1f}; "
+          f"W={args.world_size} Gloo ranks, 1 thread each, "
           f"DDP; small ResNet (width {args.width}, 13 BN layers), batch {args.batch}x3x{args.size}x{args.size} "
           f"per rank; {args.warmup} warm-up + {args.steps} timed steps, variants interleaved")
     print("| variant | step ms (slowest rank's median) | ratio to local BatchNorm |")
