@@ -127,9 +127,14 @@ VARIANTS: dict[str, Callable[[int, int], nn.Module]] = {
 
 def time_variants(
     variants: dict[str, nn.Module], x: Tensor, dy: Tensor, warmup: int, steps: int
-) -> dict[str, float]:
-    """This rank's median forward+backward time (ms) per variant, variants interleaved step by step."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
+) -> dict[str, tuple[float, float]]:
+    """This rank's median (wall ms, CPU ms) of forward+backward per variant, variants interleaved.
+
+    CPU time is ``time.process_time`` (every thread of the rank, Gloo's included): the work a step
+    costs, without the time spent waiting for a peer or for a core, so it is robust to other load.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     inputs = {name: x.detach().clone().requires_grad_() for name in variants}
     for step in range(warmup + steps):
         for name, layer in variants.items():
@@ -137,12 +142,13 @@ def time_variants(
             inp.grad = None
             layer.zero_grad(set_to_none=True)
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             layer(inp).backward(dy)
-            elapsed = time.perf_counter() - start
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             if step >= warmup:
-                times[name].append(elapsed * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+                wall[name].append(elapsed * 1e3)
+                cpu[name].append(elapsed_cpu * 1e3)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in variants}
 
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
@@ -154,7 +160,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: 
     variant_factories = dict(VARIANTS)
     if args.overlap:
         variant_factories.update(OVERLAP_VARIANTS)
-    rows: dict[str, dict[str, float]] = {}
+    rows: dict[str, dict[str, tuple[float, float]]] = {}
     for shape_name in args.shapes:
         shape, channels_last = SHAPES[shape_name]
         torch.manual_seed(rank)
@@ -166,7 +172,9 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: 
         mine = time_variants(layers, x, dy, args.warmup, args.steps)
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, mine)
-        rows[shape_name] = {name: max(r[name] for r in everyone) for name in mine}
+        # The slowest rank's median, for wall and for CPU time separately.
+        rows[shape_name] = {name: (max(r[name][0] for r in everyone), max(r[name][1] for r in everyone))
+                            for name in mine}
     if rank == 0:
         out.put(rows)
     dist.barrier()
@@ -179,7 +187,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def measure(world: int, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def measure(world: int, args: argparse.Namespace) -> dict[str, dict[str, tuple[float, float]]]:
     """Spawn ``world`` Gloo ranks, time every variant at every shape; slowest rank's medians (ms)."""
     context = mp.get_context("spawn")
     out = context.Queue()
@@ -188,7 +196,7 @@ def measure(world: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     for p in procs:
         p.start()
     try:
-        rows: dict[str, dict[str, float]] = out.get(timeout=args.timeout)
+        rows: dict[str, dict[str, tuple[float, float]]] = out.get(timeout=args.timeout)
     finally:
         for p in procs:
             p.join(timeout=30)
@@ -197,18 +205,20 @@ def measure(world: int, args: argparse.Namespace) -> dict[str, dict[str, float]]
     return rows
 
 
-def print_layer_table(world: int, rows: dict[str, dict[str, float]], baseline: str = "local BatchNorm") -> None:
+def print_layer_table(world: int, rows: dict[str, dict[str, tuple[float, float]]],
+                      baseline: str = "local BatchNorm") -> None:
     cores = os.cpu_count() or 1
     note = f" (oversubscribes {cores} cores: {world} single-thread ranks)" if world > cores else ""
-    print(f"\nW={world} Gloo ranks, 1 thread each{note}; fwd+bwd ms, slowest rank's median "
-          f"(ratio to {baseline} in the same run)")
     variants = list(next(iter(rows.values())))
-    header = "| variant | " + " | ".join(rows) + " |"
-    print(header)
-    print("|" + "---|" * (len(rows) + 1))
-    for name in variants:
-        cells = [f"{rows[s][name]:.2f} ({rows[s][name] / rows[s][baseline]:.2f}x)" for s in rows]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+    for column, what in ((0, "wall ms"), (1, "CPU ms of the rank's threads")):
+        print(f"\nW={world} Gloo ranks, 1 thread each{note}; fwd+bwd {what}, slowest rank's median "
+              f"(ratio to {baseline} in the same run)")
+        print("| variant | " + " | ".join(rows) + " |")
+        print("|" + "---|" * (len(rows) + 1))
+        for name in variants:
+            cells = [f"{rows[s][name][column]:.2f} ({rows[s][name][column] / rows[s][baseline][column]:.2f}x)"
+                     for s in rows]
+            print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def communication_rows(channels: int, world: int) -> tuple[int, int, float, float]:
