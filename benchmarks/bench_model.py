@@ -8,7 +8,8 @@ Variants (same initial weights, timed interleaved step by step so background loa
 - optionally (``--compile``) the local and syncnorm models under ``torch.compile``.
 
 A step is forward + cross-entropy + backward (DDP all-reduces gradients) + SGD step. The table
-shows the slowest rank's median step time and its ratio to local BatchNorm in the same run.
+shows the slowest rank's median step time (wall, and CPU time of all the rank's threads, which
+leaves out waiting and so is robust to other load) and its ratio to local BatchNorm in the same run.
 
 Run:
     PYTHONPATH=. python benchmarks/bench_model.py --world-size 2 --steps 20
@@ -81,22 +82,26 @@ def build_variants(base: nn.Module, compile_too: bool) -> dict[str, nn.Module]:
     return models
 
 
-def time_step(models: dict[str, nn.Module], x: Tensor, target: Tensor, warmup: int, steps: int) -> dict[str, float]:
-    """This rank's median training-step time (ms) per variant, variants interleaved."""
+def time_step(
+    models: dict[str, nn.Module], x: Tensor, target: Tensor, warmup: int, steps: int
+) -> dict[str, tuple[float, float]]:
+    """This rank's median (wall ms, CPU ms of all its threads) of a training step per variant, interleaved."""
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
-    times: dict[str, list[float]] = {name: [] for name in models}
+    wall: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
     for step in range(warmup + steps):
         for name, model in models.items():
             optimizer = optimizers[name]
             optimizer.zero_grad(set_to_none=True)
             dist.barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             nn.functional.cross_entropy(model(x), target).backward()
             optimizer.step()
-            elapsed = time.perf_counter() - start
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             if step >= warmup:
-                times[name].append(elapsed * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+                wall[name].append(elapsed * 1e3)
+                cpu[name].append(elapsed_cpu * 1e3)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in models}
 
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
@@ -115,7 +120,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: 
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, mine)
     if rank == 0:
-        out.put({name: max(r[name] for r in everyone) for name in mine})
+        out.put({name: (max(r[name][0] for r in everyone), max(r[name][1] for r in everyone)) for name in mine})
     dist.barrier()
     dist.destroy_process_group()
 
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in procs:
         p.start()
     try:
-        rows: dict[str, float] = out.get(timeout=args.timeout)
+        rows: dict[str, tuple[float, float]] = out.get(timeout=args.timeout)
     finally:
         for p in procs:
             p.join(timeout=60)
@@ -156,10 +161,11 @@ def main(argv: list[str] | None = None) -> None:
           f"W={args.world_size} Gloo ranks, 1 thread each, "
           f"DDP; small ResNet (width {args.width}, 13 BN layers), batch {args.batch}x3x{args.size}x{args.size} "
           f"per rank; {args.warmup} warm-up + {args.steps} timed steps, variants interleaved")
-    print("| variant | step ms (slowest rank's median) | ratio to local BatchNorm |")
-    print("|---|---|---|")
-    for name, ms in rows.items():
-        print(f"| {name} | {ms:.2f} | {ms / rows['local BatchNorm']:.2f}x |")
+    print("| variant | wall ms / step (slowest rank's median) | ratio | CPU ms / step (rank's threads) | ratio |")
+    print("|---|---|---|---|---|")
+    base_wall, base_cpu = rows["local BatchNorm"]
+    for name, (ms, cpu_ms) in rows.items():
+        print(f"| {name} | {ms:.1f} | {ms / base_wall:.2f}x | {cpu_ms:.1f} | {cpu_ms / base_cpu:.2f}x |")
 
 
 if __name__ == "__main__":
