@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from syncnorm import _stats
 from syncnorm._function import SyncBatchNormFunction
 
 SHAPES: list[tuple[tuple[int, ...], bool]] = [
@@ -82,7 +83,9 @@ def measure_shape(
         "x - shift: batch_norm kernel": lambda: torch.batch_norm(x, None, None, shift, ones, False, 0, 0, False),
         "normalise: batch_norm kernel": lambda: torch.batch_norm(x, ones, ones, shift, var, False, 0, 1e-5, False),
         "normalise: addcmul": lambda: torch.addcmul(beta, x, alpha),
-        "torch.batch_norm_update_stats": lambda: torch.batch_norm_update_stats(x, None, None, 0.0),
+        "syncnorm local moments (sum, x - shift, reduction)": lambda: _stats.local_moments(x),
+        "torch.batch_norm_update_stats (local BatchNorm's statistics)":
+            lambda: torch.batch_norm_update_stats(x, None, None, 0.0),
     }, reps)
     return layer, kernels
 
