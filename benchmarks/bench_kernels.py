@@ -81,10 +81,18 @@ def measure_shape(
     rows = _kernels.channel_rows(x)
     on_rows: dict[str, Callable[[], object]] = {}
     if rows is not None:  # channels innermost: what syncnorm runs on (N, C) and channels-last input
+        dy_rows = _kernels.channel_rows(dy)
+        assert dy_rows is not None
         on_rows = {"x - shift: subtraction on the (values, C) view": lambda: rows - shift,
-                   "normalise: addcmul on the (values, C) view": lambda: torch.addcmul(shift, rows, var)}
+                   "normalise: addcmul on the (values, C) view": lambda: torch.addcmul(shift, rows, var),
+                   "sum per channel on the (values, C) view": lambda: rows.sum(0),
+                   "gradient sums on the (values, C) view": lambda: torch.ops.aten.native_batch_norm_backward(
+                       dy_rows, rows, None, shift, var, None, None, False, 1e-5, [False, True, True])}
     kernels = medians({
         **on_rows,
+        "sum per channel": lambda: x.sum([0, *range(2, len(shape))]),
+        "gradient sums (eval-mode native_batch_norm_backward)": lambda: torch.ops.aten.native_batch_norm_backward(
+            dy, x, None, shift, var, None, None, False, 1e-5, [False, True, True]),
         "x - shift: subtraction": lambda: x - shift.view(per_channel),
         "x - shift: batch_norm kernel": lambda: torch.batch_norm(x, None, None, shift, ones, False, 0, 0, False),
         "normalise: batch_norm kernel": lambda: torch.batch_norm(x, ones, ones, shift, var, False, 0, 1e-5, False),

@@ -53,9 +53,10 @@ def _per_channel(values: Tensor, x: Tensor) -> Tensor:
 def channel_rows(x: Tensor) -> Optional[Tensor]:
     """``x`` as a (values, C) matrix without a copy when its channels are innermost in memory, else None.
 
-    True of dense (N, C) input and of channels-last / channels-last-3d input. On CPU the kernels run
-    faster on that 2-D view than on the 4-D/5-D tensor, and ``addcmul`` beats the eval-mode
-    ``batch_norm`` kernel there (measured, docs/performance.md).
+    True of dense (N, C) input and of channels-last / channels-last-3d input. On (N, C) input
+    ``addcmul`` takes about half the time of the eval-mode ``batch_norm`` kernel; on channels-last
+    input the kernels on this view and on the 4-D tensor were within the noise of each other
+    (benchmarks/bench_kernels.py, docs/performance.md), and one code path serves both.
     """
     if x.dim() == 2:
         return x if x.is_contiguous() else None

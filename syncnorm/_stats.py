@@ -75,7 +75,9 @@ def local_moments(x: Tensor) -> LocalMoments:
     x_acc = x if x.dtype == dtype else x.to(dtype)
     ones = torch.ones(channels, dtype=dtype, device=x.device)
     # deviation = x - shift, rounded once whichever kernel computes it. Channels-innermost input
-    # ((N, C), channels-last) is handled as a (values, C) matrix, faster on CPU (docs/performance.md).
+    # ((N, C), channels-last) is handled as a (values, C) matrix, like in _kernels. A broadcast
+    # subtraction is as fast as the batch_norm kernel (weight 1, bias -shift) on channels-first input
+    # and faster on (N, C) input (benchmarks/bench_kernels.py); the kernel serves other layouts.
     rows = _kernels.channel_rows(x_acc)
     if rows is not None:
         shift = rows.sum(0).div_(count)
