@@ -5,13 +5,16 @@ variants are timed *interleaved*: every step times each variant once, in turn, s
 hits all of them alike. A step is forward + backward of one layer on a fixed input, after a
 barrier; the table shows the median over the timed steps of the slowest rank (the rank every
 other rank waits for in a real step). The "A/A" row times a second, identical local BatchNorm:
-its ratio to the first one is the noise of the measurement.
+its ratio to the first one is the noise of the measurement. "2 bare all-reduces" times only
+syncnorm's two collectives at the layer's sizes (the communication floor). With ``--overlap`` the
+prototypes of benchmarks/overlap.py are timed too. Each cell is given in wall time and in CPU time
+of the rank's threads (robust to other load on the machine).
 
 It also prints the communication model: collectives and bytes per layer and step for syncnorm
 and for torch.nn.SyncBatchNorm, up to W = 1024 ranks (formulas in the table header).
 
 Run:
-    PYTHONPATH=. python benchmarks/bench_layer.py --world-sizes 2 4 --steps 30
+    PYTHONPATH=. python benchmarks/bench_layer.py --world-sizes 2 4 --steps 30 --overlap
 
 Timing is never asserted anywhere; this only prints.
 """
