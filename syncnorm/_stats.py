@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from . import _kernels
+
 # batch_norm_stats (CUDA) returns 1/sqrt(var + eps); we ask with a negligible eps and invert,
 # so the variance we send is not biased by the layer's eps. Representable in float32.
 _TINY_EPS = 1e-30
@@ -71,9 +73,21 @@ def local_moments(x: Tensor) -> LocalMoments:
     # values near the shift, so neither a large mean nor the rounding of the shift itself is lost.
     # The CPU kernels keep the input dtype: upcast float16/bfloat16 first.
     x_acc = x if x.dtype == dtype else x.to(dtype)
-    shift = x_acc.sum(reduce_dims(x)).div_(count)
     ones = torch.ones(channels, dtype=dtype, device=x.device)
-    deviation = torch.batch_norm(x_acc, None, None, shift, ones, False, 0.0, 0.0, False)
+    # deviation = x - shift, rounded once whichever kernel computes it. Channels-innermost input
+    # ((N, C), channels-last) is handled as a (values, C) matrix, like in _kernels. A broadcast
+    # subtraction is as fast as the batch_norm kernel (weight 1, bias -shift) on channels-first input
+    # and faster on (N, C) input (benchmarks/bench_kernels.py); the kernel serves other layouts.
+    rows = _kernels.channel_rows(x_acc)
+    if rows is not None:
+        shift = rows.sum(0).div_(count)
+        deviation = rows - shift
+    else:
+        shift = x_acc.sum(reduce_dims(x)).div_(count)
+        if x_acc.is_contiguous():
+            deviation = x_acc - shift.view(1, channels, *([1] * (x.dim() - 2)))
+        else:
+            deviation = torch.batch_norm(x_acc, None, None, shift, ones, False, 0.0, 0.0, False)
     _, sum_sq_dev, sum_dev = torch.ops.aten.native_batch_norm_backward(
         deviation, deviation, None, torch.zeros_like(shift), ones, None, None, False, 0.0, [False, True, True]
     )

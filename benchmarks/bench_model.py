@@ -1,0 +1,172 @@
+"""Model benchmark: a training step of a small ResNet-style conv net under DDP on CPU Gloo ranks.
+
+Variants (same initial weights, timed interleaved step by step so background load hits all alike):
+- local BatchNorm (``nn.BatchNorm2d``), and the same again as an A/A control for noise;
+- syncnorm on the default (world) group;
+- syncnorm on a dedicated statistics group (same ranks, a second communicator), so the
+  BatchNorm all-reduces do not queue behind DDP's gradient buckets;
+- optionally (``--compile``) the local and syncnorm models under ``torch.compile``.
+
+A step is forward + cross-entropy + backward (DDP all-reduces gradients) + SGD step. The table
+shows the slowest rank's median step time (wall, and CPU time of all the rank's threads, which
+leaves out waiting and so is robust to other load) and its ratio to local BatchNorm in the same run.
+
+Run:
+    PYTHONPATH=. python benchmarks/bench_model.py --world-size 2 --steps 20
+
+Timing is never asserted anywhere; this only prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import socket
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+import syncnorm
+
+
+class Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a (projected) shortcut, then ReLU: a ResNet basic block."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def small_resnet(num_classes: int = 10, width: int = 32) -> nn.Module:
+    """Stem + 4 basic blocks (13 BatchNorm layers), CIFAR-sized."""
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+        Block(width, width, 1), Block(width, 2 * width, 2), Block(2 * width, 2 * width, 1),
+        Block(2 * width, 4 * width, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes),
+    )
+
+
+def build_variants(base: nn.Module, compile_too: bool) -> dict[str, nn.Module]:
+    """Every variant as a DDP model with the same initial weights as ``base``."""
+    dedicated = dist.new_group(list(range(dist.get_world_size())))  # created once, same ranks
+    plain: dict[str, Callable[[], nn.Module]] = {
+        "local BatchNorm": lambda: copy.deepcopy(base),
+        "local BatchNorm (A/A)": lambda: copy.deepcopy(base),
+        "syncnorm": lambda: syncnorm.convert_model(copy.deepcopy(base)),
+        "syncnorm, dedicated stats group": lambda: syncnorm.convert_model(copy.deepcopy(base), dedicated),
+    }
+    models = {name: DistributedDataParallel(make()) for name, make in plain.items()}
+    if compile_too:
+        models["local BatchNorm, compiled"] = torch.compile(DistributedDataParallel(copy.deepcopy(base)))
+        synced = syncnorm.convert_model(copy.deepcopy(base))
+        models["syncnorm, compiled"] = torch.compile(DistributedDataParallel(synced))
+    return models
+
+
+def time_step(
+    models: dict[str, nn.Module], x: Tensor, target: Tensor, warmup: int, steps: int
+) -> dict[str, tuple[float, float]]:
+    """This rank's median (wall ms, CPU ms of all its threads) of a training step per variant, interleaved."""
+    optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
+    wall: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
+    for step in range(warmup + steps):
+        for name, model in models.items():
+            optimizer = optimizers[name]
+            optimizer.zero_grad(set_to_none=True)
+            dist.barrier()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            nn.functional.cross_entropy(model(x), target).backward()
+            optimizer.step()
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if step >= warmup:
+                wall[name].append(elapsed * 1e3)
+                cpu[name].append(elapsed_cpu * 1e3)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in models}
+
+
+def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=300),
+    )
+    torch.manual_seed(0)
+    base = small_resnet(width=args.width)
+    models = build_variants(base, args.compile)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    target = torch.randint(0, 10, (args.batch,))
+    mine = time_step(models, x, target, args.warmup, args.steps)
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        out.put({name: (max(r[name][0] for r in everyone), max(r[name][1] for r in everyone)) for name in mine})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-size", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=16, help="samples per rank")
+    parser.add_argument("--size", type=int, default=32, help="image side")
+    parser.add_argument("--width", type=int, default=32, help="channels of the first stage")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models (slow to build)")
+    parser.add_argument("--timeout", type=float, default=1200.0)
+    args = parser.parse_args(argv)
+
+    context = mp.get_context("spawn")
+    out = context.Queue()
+    port = _free_port()
+    procs = [context.Process(target=_rank_main, args=(r, args.world_size, port, args, out))
+             for r in range(args.world_size)]
+    for p in procs:
+        p.start()
+    try:
+        rows: dict[str, tuple[float, float]] = out.get(timeout=args.timeout)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.is_alive():
+                p.kill()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, load average after {os.getloadavg()[0]:.1f}; "
+          f"W={args.world_size} Gloo ranks, 1 thread each, "
+          f"DDP; small ResNet (width {args.width}, 13 BN layers), batch {args.batch}x3x{args.size}x{args.size} "
+          f"per rank; {args.warmup} warm-up + {args.steps} timed steps, variants interleaved")
+    print("| variant | wall ms / step (slowest rank's median) | ratio | CPU ms / step (rank's threads) | ratio |")
+    print("|---|---|---|---|---|")
+    base_wall, base_cpu = rows["local BatchNorm"]
+    for name, (ms, cpu_ms) in rows.items():
+        print(f"| {name} | {ms:.1f} | {ms / base_wall:.2f}x | {cpu_ms:.1f} | {cpu_ms / base_cpu:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
