@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # Ranks of the demo: 4 CPU processes on Gloo without GPU (4 images each), one per GPU with one.
 NPROC ?= 4
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint bench
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -33,3 +33,8 @@ test: lint
 	$(PY) -m pytest
 	PYTHON=$(PY) tests/mpi/run.sh 2
 	PYTHON=$(PY) tests/mpi/run.sh 3
+
+# CPU benchmarks (tables, never assertions): the layer at issue 3's shapes on 2 and 4 Gloo ranks, and a model step.
+bench: install
+	PYTHONPATH=. $(PY) benchmarks/bench_cpu.py
+	PYTHONPATH=. $(PY) benchmarks/bench_model.py

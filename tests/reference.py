@@ -55,3 +55,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     """``actual`` (any dtype) equals the float64 ``expected`` to the tolerance of ``dtype``."""
     torch.testing.assert_close(actual.double(), expected.double(), **TOLERANCES[dtype],
                                msg=lambda m: f"{what}: {m}")
+
+
+def check_model_against_reference(reports: list[dict[str, Any]], model: nn.Module, x: torch.Tensor,
+                                  dy: torch.Tensor) -> None:
+    """Per-rank model reports (``y``, ``grad_x``, ``grads``, ``buffers``) against ``model`` run in float64 on the
+    whole batch ``x`` with upstream gradient ``dy``: outputs and input gradients concatenate, parameter gradients
+    sum over ranks, buffers equal on every rank."""
+    reference = model.double()
+    x64 = x.double().requires_grad_()
+    y = reference(x64)
+    (y * dy.double()).sum().backward()
+    assert_close(torch.cat([r["y"] for r in reports]), y.detach(), torch.float32, "output")
+    assert_close(torch.cat([r["grad_x"] for r in reports]), x64.grad, torch.float32, "grad_x")
+    for name, p in reference.named_parameters():
+        assert_close(sum(r["grads"][name].double() for r in reports), p.grad, torch.float32, name)
+    for name, b in reference.named_buffers():
+        for r in reports:
+            assert_close(r["buffers"][name], b, torch.float32, name)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import COLLECTIVES, my_slice, run_on_ranks
-from reference import assert_close
+from reference import assert_close, check_model_against_reference
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 from torch.nn.functional import batch_norm as imported_batch_norm
@@ -250,17 +250,7 @@ def test_converted_subclasses_match_single_process_on_two_ranks() -> None:
     dy = torch.randn(sum(sizes), 7)
     model = small_cnn()
     reports = run_on_ranks(2, rank_subclass_step, x, dy, sizes, model.state_dict())
-    ref = model.double()
-    x64 = x.double().requires_grad_()
-    y = ref(x64)
-    (y * dy.double()).sum().backward()
-    assert_close(torch.cat([r["y"] for r in reports]), y.detach(), torch.float32, "output")
-    assert_close(torch.cat([r["grad_x"] for r in reports]), x64.grad, torch.float32, "grad_x")
-    for name, p in ref.named_parameters():
-        assert_close(sum(r["grads"][name].double() for r in reports), p.grad, torch.float32, name)
-    for name, b in ref.named_buffers():
-        for r in reports:
-            assert_close(r["buffers"][name], b, torch.float32, name)
+    check_model_against_reference(reports, model, x, dy)
     # Five BatchNorm layers, plain and subclassed: one all-reduce each way for each, nothing else.
     assert all(r["calls"] == ["all_reduce"] * 10 for r in reports)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from distributed import COLLECTIVES, my_slice, rank, run_on_ranks
-from reference import assert_close, reference_module, reference_step
+from reference import assert_close, check_model_against_reference, reference_module, reference_step
 
 import syncnorm
 
@@ -307,17 +307,7 @@ def test_stacked_layers_in_a_model() -> None:
     model = _stacked_model()
     state = model.state_dict()
     reports = run_on_ranks(3, rank_stacked_layers, x, dy, sizes, state)
-    ref = model.double()
-    x64 = x.double().requires_grad_()
-    y = ref(x64)
-    (y * dy.double()).sum().backward()
-    assert_close(torch.cat([r["y"] for r in reports]), y.detach(), torch.float32, "output")
-    assert_close(torch.cat([r["grad_x"] for r in reports]), x64.grad, torch.float32, "grad_x")
-    for name, p in ref.named_parameters():
-        assert_close(sum(r["grads"][name].double() for r in reports), p.grad, torch.float32, name)
-    for name, b in ref.named_buffers():
-        for r in reports:
-            assert_close(r["buffers"][name], b, torch.float32, name)
+    check_model_against_reference(reports, model, x, dy)
     # Three BatchNorm layers: three all-reduces forward, three backward (the first layer's input
     # needs a gradient here), nothing else.
     assert all(r["calls"] == ["all_reduce"] * 6 for r in reports)
@@ -413,14 +403,4 @@ def test_activation_checkpointing_counts_each_batch_once(reentrant: bool) -> Non
     dy = torch.randn(sum(sizes), 3, 4, 4)
     model = _conv_bn_model()
     reports = run_on_ranks(2, rank_checkpointed_step, x, dy, sizes, model.state_dict(), reentrant)
-    ref = model.double()  # no checkpointing: running statistics updated once per step
-    x64 = x.double().requires_grad_()
-    y = ref(x64)
-    (y * dy.double()).sum().backward()
-    assert_close(torch.cat([r["y"] for r in reports]), y.detach(), torch.float32, "output")
-    assert_close(torch.cat([r["grad_x"] for r in reports]), x64.grad, torch.float32, "grad_x")
-    for name, p in ref.named_parameters():
-        assert_close(sum(r["grads"][name].double() for r in reports), p.grad, torch.float32, name)
-    for name, b in ref.named_buffers():
-        for r in reports:
-            assert_close(r["buffers"][name], b, torch.float32, name)
+    check_model_against_reference(reports, model, x, dy)
