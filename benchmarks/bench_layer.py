@@ -128,30 +128,42 @@ VARIANTS: dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
-def time_variants(
-    variants: dict[str, nn.Module], x: Tensor, dy: Tensor, warmup: int, steps: int
+def time_interleaved(
+    names: list[str], run_step: Callable[[str], None], warmup: int, steps: int
 ) -> dict[str, tuple[float, float]]:
-    """This rank's median (wall ms, CPU ms) of forward+backward per variant, variants interleaved.
+    """This rank's median (wall ms, CPU ms) of ``run_step(name)`` per variant, variants interleaved.
 
-    CPU time is ``time.process_time`` (every thread of the rank, Gloo's included): the work a step
-    costs, without the time spent waiting for a peer or for a core, so it is robust to other load.
+    Each step times every variant once, in turn, after a barrier, so slow drifts of the machine hit
+    all variants alike. CPU time is ``time.process_time`` (every thread of the rank, Gloo's
+    included): the work a step costs, without the time spent waiting for a peer or for a core, so
+    it is robust to other load.
     """
-    wall: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
-    inputs = {name: x.detach().clone().requires_grad_() for name in variants}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for step in range(warmup + steps):
-        for name, layer in variants.items():
-            inp = inputs[name]
-            inp.grad = None
-            layer.zero_grad(set_to_none=True)
+        for name in names:
             dist.barrier()
             start, start_cpu = time.perf_counter(), time.process_time()
-            layer(inp).backward(dy)
+            run_step(name)
             elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
             if step >= warmup:
                 wall[name].append(elapsed * 1e3)
                 cpu[name].append(elapsed_cpu * 1e3)
-    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in variants}
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in names}
+
+
+def time_variants(
+    variants: dict[str, nn.Module], x: Tensor, dy: Tensor, warmup: int, steps: int
+) -> dict[str, tuple[float, float]]:
+    """This rank's median (wall ms, CPU ms) of forward+backward per layer variant, interleaved."""
+    inputs = {name: x.detach().clone().requires_grad_() for name in variants}
+
+    def run_step(name: str) -> None:
+        inputs[name].grad = None
+        variants[name].zero_grad(set_to_none=True)
+        variants[name](inputs[name]).backward(dy)
+
+    return time_interleaved(list(variants), run_step, warmup, steps)
 
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:

@@ -24,13 +24,12 @@ import copy
 import datetime
 import os
 import socket
-import statistics
-import time
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from bench_layer import time_interleaved
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -87,21 +86,13 @@ def time_step(
 ) -> dict[str, tuple[float, float]]:
     """This rank's median (wall ms, CPU ms of all its threads) of a training step per variant, interleaved."""
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for name, m in models.items()}
-    wall: dict[str, list[float]] = {name: [] for name in models}
-    cpu: dict[str, list[float]] = {name: [] for name in models}
-    for step in range(warmup + steps):
-        for name, model in models.items():
-            optimizer = optimizers[name]
-            optimizer.zero_grad(set_to_none=True)
-            dist.barrier()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            nn.functional.cross_entropy(model(x), target).backward()
-            optimizer.step()
-            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
-            if step >= warmup:
-                wall[name].append(elapsed * 1e3)
-                cpu[name].append(elapsed_cpu * 1e3)
-    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in models}
+
+    def run_step(name: str) -> None:
+        optimizers[name].zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(models[name](x), target).backward()
+        optimizers[name].step()
+
+    return time_interleaved(list(models), run_step, warmup, steps)
 
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
