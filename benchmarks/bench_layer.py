@@ -166,12 +166,17 @@ def time_variants(
     return time_interleaved(list(variants), run_step, warmup, steps)
 
 
-def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
+def join_gloo_world(rank: int, world: int, port: int, timeout_s: float) -> None:
+    """One benchmark rank: one compute thread, in a Gloo world on 127.0.0.1:``port``."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=120),
+        timeout=datetime.timedelta(seconds=timeout_s),
     )
+
+
+def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
+    join_gloo_world(rank, world, port, timeout_s=120)
     variant_factories = dict(VARIANTS)
     if args.overlap:
         variant_factories.update(OVERLAP_VARIANTS)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
 import socket
 from typing import Any, Callable
@@ -29,7 +28,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_layer import time_interleaved
+from bench_layer import join_gloo_world, time_interleaved
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -96,11 +95,7 @@ def time_step(
 
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=300),
-    )
+    join_gloo_world(rank, world, port, timeout_s=300)
     torch.manual_seed(0)
     base = small_resnet(width=args.width)
     models = build_variants(base, args.compile)

@@ -150,6 +150,17 @@ def _unchanged(before: dict[str, torch.Tensor], model: nn.Module) -> bool:
                for k in before)
 
 
+def _forward_failure(bn: syncnorm.SyncBatchNorm, x: torch.Tensor, validate: bool) -> dict[str, Any] | None:
+    """Run one forward; on a SyncNormError, its report plus whether the layer is unchanged, else None."""
+    before = _state(bn)
+    try:
+        with validation(validate):
+            bn(x)
+    except SyncNormError as error:
+        return {**_caught(error), "unchanged": _unchanged(before, bn)}
+    return None
+
+
 def _layer(channels: int = 3) -> syncnorm.SyncBatchNorm:
     """A converted layer named 'block.bn', with non-trivial parameters and buffers."""
     model = syncnorm.convert_model(nn.ModuleDict({"block": nn.ModuleDict({"bn": nn.BatchNorm1d(channels)})}),
@@ -172,14 +183,7 @@ def _stay_silent() -> None:
 def rank_peer_exits_before_forward(validate: bool) -> dict[str, Any]:
     if rank() == 1:
         os._exit(0)
-    bn = _layer()
-    before = _state(bn)
-    try:
-        with validation(validate):
-            bn(torch.randn(4, 3))
-    except SyncNormError as error:
-        return {**_caught(error), "unchanged": _unchanged(before, bn)}
-    return {"error": None}
+    return _forward_failure(_layer(), torch.randn(4, 3), validate) or {"error": None}
 
 
 @pytest.mark.parametrize("validate", [False, True], ids=["plain", "validating"])
@@ -222,12 +226,9 @@ def test_peer_that_skips_backward_gives_a_timeout_error_and_no_gradient() -> Non
 
 def rank_one_rank_in_eval(validate: bool) -> dict[str, Any]:
     bn = _layer().train(rank() == 0)
-    before = _state(bn)
-    try:
-        with validation(validate):
-            bn(torch.randn(4, 3))
-    except SyncNormError as error:
-        return {**_caught(error), "unchanged": _unchanged(before, bn)}
+    failure = _forward_failure(bn, torch.randn(4, 3), validate)
+    if failure is not None:
+        return failure
     if not validate and rank() == 1:
         _stay_silent()
     return {"error": None}
