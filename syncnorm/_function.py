@@ -35,7 +35,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
         stats_dtype = _stats.statistics_dtype(x)
         local_count = _stats.values_per_channel(x)
 
-        packed = _stats.pack_moments(_stats.local_moments(x))
+        # The output buffer first holds the deviations of the local moments, then the output: one
+        # activation-sized allocation per forward, as in local BatchNorm (fresh pages are costly).
+        output = torch.empty_like(x) if not x.is_cuda and x.dtype == stats_dtype else None
+        packed = _stats.pack_moments(_stats.local_moments(x, scratch=output))
         _comm.all_reduce_sum(packed, group, layer, "batch statistics")
         total = _stats.unpack_moments(packed)
         # Only a rank with at most one local value can be part of a global count <= 1, so the
@@ -60,7 +63,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.group = group
         ctx.layer = layer
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        return _kernels.normalize(x, weight_s, bias_s, mean, var, invstd, eps)
+        return _kernels.normalize(x, weight_s, bias_s, mean, var, invstd, eps, out=output)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:

@@ -45,6 +45,11 @@ def like_layout(t: Tensor, x: Tensor) -> Tensor:
     return t.contiguous()
 
 
+def same_layout(t: Tensor, x: Tensor) -> bool:
+    """True when ``t`` has the shape and strides of ``x`` (so a kernel can write into it in place of a new tensor)."""
+    return t.shape == x.shape and t.stride() == x.stride() and t.device == x.device
+
+
 def _per_channel(values: Tensor, x: Tensor) -> Tensor:
     """View a (C,) tensor so that it broadcasts along dim 1 of ``x``."""
     return values.view(1, -1, *([1] * (x.dim() - 2)))
@@ -85,19 +90,34 @@ def _affine(rows: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
 
 def normalize(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor, var: Tensor, invstd: Tensor,
-    eps: float,
+    eps: float, out: Optional[Tensor] = None,
 ) -> Tensor:
-    """``(x - mean) * invstd * weight + bias`` with the given (global) statistics, one pass."""
+    """``(x - mean) * invstd * weight + bias`` with the given (global) statistics, one pass.
+
+    ``out`` (CPU, the statistics dtype, laid out like ``x``) receives the result when given.
+    """
     if x.numel() == 0:
         return torch.empty_like(x)
     if x.is_cuda:
         return torch.batch_norm_elemt(x, weight, bias, mean, invstd, eps)
+    if out is not None and not (out.dtype == x.dtype == mean.dtype and same_layout(out, x)):
+        out = None
     rows = channel_rows(x) if x.dtype == mean.dtype else None
     if rows is not None:
         alpha = invstd.double() if weight is None else weight.double() * invstd.double()
         beta = -mean.double() * alpha if bias is None else bias.double() - mean.double() * alpha
-        return _from_rows(_affine(rows, alpha, beta), x)
-    return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        if out is None:
+            return _from_rows(_affine(rows, alpha, beta), x)
+        torch.addcmul(beta.to(rows.dtype), rows, alpha.to(rows.dtype), out=channel_rows(out))
+        return out
+    if out is None:
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+    # The out= form of the same eval-mode kernel (its statistics outputs stay empty in eval mode).
+    no_stats = torch.empty(0, dtype=mean.dtype)
+    torch.ops.aten.native_batch_norm.out(
+        x, weight, bias, mean, var, False, 0.0, eps, out=out, save_mean=no_stats, save_invstd=no_stats.clone()
+    )
+    return out
 
 
 def backward_reduce(

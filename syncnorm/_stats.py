@@ -12,7 +12,7 @@ float32, as naive synchronised BatchNorms do, returns noise for data with ``|mea
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -56,8 +56,13 @@ def statistics_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def local_moments(x: Tensor) -> LocalMoments:
-    """This rank's per-channel sums about a shift near its mean, accurate even when |mean| >> std."""
+def local_moments(x: Tensor, scratch: Optional[Tensor] = None) -> LocalMoments:
+    """This rank's per-channel sums about a shift near its mean, accurate even when |mean| >> std.
+
+    ``scratch``, when given, is a tensor of the statistics dtype with the shape and memory layout of
+    ``x`` whose content may be overwritten (the layer passes its output buffer): the deviations from
+    the shift are written there instead of into a new activation-sized tensor.
+    """
     dtype = statistics_dtype(x)
     count = values_per_channel(x)
     channels = x.shape[1]
@@ -71,8 +76,14 @@ def local_moments(x: Tensor) -> LocalMoments:
         return LocalMoments(count, mean.to(dtype), torch.zeros_like(mean, dtype=dtype), (var * count).to(dtype))
     # Two passes over deviations from the (rounded) mean: x - shift is exact in floating point for
     # values near the shift, so neither a large mean nor the rounding of the shift itself is lost.
-    # The CPU kernels keep the input dtype: upcast float16/bfloat16 first.
-    x_acc = x if x.dtype == dtype else x.to(dtype)
+    # The CPU kernels keep the input dtype: upcast float16/bfloat16 first (into a copy we own, which
+    # then holds the deviations in place).
+    upcast = x.dtype != dtype
+    x_acc = x.to(dtype) if upcast else x
+    if upcast:
+        scratch = x_acc
+    elif scratch is not None and not (scratch.dtype == dtype and _kernels.same_layout(scratch, x)):
+        scratch = None
     ones = torch.ones(channels, dtype=dtype, device=x.device)
     # deviation = x - shift, rounded once whichever kernel computes it. Channels-innermost input
     # ((N, C), channels-last) is handled as a (values, C) matrix, like in _kernels. A broadcast
@@ -81,11 +92,13 @@ def local_moments(x: Tensor) -> LocalMoments:
     rows = _kernels.channel_rows(x_acc)
     if rows is not None:
         shift = rows.sum(0).div_(count)
-        deviation = rows - shift
+        scratch_rows = None if scratch is None else _kernels.channel_rows(scratch)
+        deviation = rows - shift if scratch_rows is None else torch.sub(rows, shift, out=scratch_rows)
     else:
         shift = x_acc.sum(reduce_dims(x)).div_(count)
         if x_acc.is_contiguous():
-            deviation = x_acc - shift.view(1, channels, *([1] * (x.dim() - 2)))
+            shift_view = shift.view(1, channels, *([1] * (x.dim() - 2)))
+            deviation = x_acc - shift_view if scratch is None else torch.sub(x_acc, shift_view, out=scratch)
         else:
             deviation = torch.batch_norm(x_acc, None, None, shift, ones, False, 0.0, 0.0, False)
     _, sum_sq_dev, sum_dev = torch.ops.aten.native_batch_norm_backward(
