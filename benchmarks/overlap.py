@@ -23,7 +23,7 @@ from syncnorm import _kernels, _stats
 
 def _finish_forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     running_mean: Tensor, running_var: Tensor, eps: float, momentum: float,
-                    total: _stats.GlobalMoments) -> Tensor:
+                    total: _stats.GlobalMoments, output: Optional[Tensor] = None) -> Tensor:
     dtype = _stats.statistics_dtype(x)
     mean, var = total.mean.to(dtype), total.var.to(dtype)
     invstd = total.var.add(eps).rsqrt_().to(dtype)
@@ -32,7 +32,7 @@ def _finish_forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optiona
         running_var.copy_(running_var.double().lerp_(_stats.unbiased_var(total), momentum))
     ctx.save_for_backward(x, weight, mean, var, invstd)
     ctx.count, ctx.eps = total.num_values, eps
-    return _kernels.normalize(x, weight, bias, mean, var, invstd, eps)
+    return _kernels.normalize(x, weight, bias, mean, var, invstd, eps, out=output)
 
 
 def _sync_backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
@@ -53,10 +53,11 @@ class AsyncBackward(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor,  # type: ignore[override]
                 running_var: Tensor, eps: float, momentum: float, groups: int) -> Tensor:
         x = _kernels.keep_layout(x)
-        packed = _stats.pack_moments(_stats.local_moments(x))
+        output = torch.empty_like(x)  # holds the deviations, then the output, as in syncnorm
+        packed = _stats.pack_moments(_stats.local_moments(x, scratch=output))
         dist.all_reduce(packed)
         return _finish_forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum,
-                               _stats.unpack_moments(packed))
+                               _stats.unpack_moments(packed), output)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]

@@ -1,5 +1,9 @@
 """torch.compile: a model with syncnorm layers compiles (graph breaks allowed) and trains exactly as eager.
 
+Two models: one whose BatchNorm2d layers become syncnorm.SyncBatchNorm, and one with a BatchNorm
+subclass overriding forward, which convert_model turns into a generated subclass (its F.batch_norm
+call routed to syncnorm by a TorchFunctionMode): dynamo must keep that routing.
+
 Compiled with ``backend="aot_eager"`` (dynamo capture + AOTAutograd, no code generation) so the test
 stays a few seconds on 2 CPU cores; inductor also runs (benchmarks/bench_model.py --compile) but
 spends about a minute in its C++ compiler here, too long for the suite.
@@ -10,7 +14,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import syncnorm
@@ -20,16 +26,25 @@ from tests.reference import TOLERANCES
 SIZES = [3, 5]
 
 
-def _model() -> nn.Module:
+class BatchNormAct(nn.BatchNorm2d):
+    """A BatchNorm subclass with its own forward (like timm's BatchNormAct2d): convert_model gives it a
+    generated subclass whose F.batch_norm call is routed to syncnorm by a TorchFunctionMode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x)) * 1.5
+
+
+def _model(first_norm: str = "BatchNorm2d") -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4)
-    )
+    norm = BatchNormAct(6) if first_norm == "subclass" else nn.Sequential(nn.BatchNorm2d(6), nn.ReLU())
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), norm, nn.Conv2d(6, 4, 3), nn.BatchNorm2d(4))
 
 
-def rank_compiled_and_eager_steps(x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
+def rank_compiled_and_eager_steps(x: torch.Tensor, dy: torch.Tensor, first_norm: str) -> dict[str, Any]:
     """On one rank: two training steps of the same syncnorm model, compiled and eager."""
-    compiled_model = syncnorm.convert_model(_model())
+    compiled_model = syncnorm.convert_model(_model(first_norm))
+    expected_class = "SyncBatchNormAct" if first_norm == "subclass" else "SyncBatchNorm"
+    assert expected_class in {type(m).__name__ for m in compiled_model.modules()}
     eager_model = copy.deepcopy(compiled_model)
     compiled = torch.compile(compiled_model, backend="aot_eager")
     reports: dict[str, Any] = {}
@@ -47,9 +62,9 @@ def rank_compiled_and_eager_steps(x: torch.Tensor, dy: torch.Tensor) -> dict[str
     return reports
 
 
-def _reference(x: torch.Tensor, dy: torch.Tensor) -> list[dict[str, Any]]:
+def _reference(x: torch.Tensor, dy: torch.Tensor, first_norm: str) -> list[dict[str, Any]]:
     """The same two steps in float64, one process, plain BatchNorm, on the whole batch."""
-    model = _model().double()
+    model = _model(first_norm).double()
     out = []
     for step in range(2):
         inp = x[step].double().requires_grad_()
@@ -61,12 +76,13 @@ def _reference(x: torch.Tensor, dy: torch.Tensor) -> list[dict[str, Any]]:
     return out
 
 
-def test_compiled_model_trains_like_eager_and_like_one_process_on_two_ranks() -> None:
+@pytest.mark.parametrize("first_norm", ["BatchNorm2d", "subclass"])
+def test_compiled_model_trains_like_eager_and_like_one_process_on_two_ranks(first_norm: str) -> None:
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(2, sum(SIZES), 3, 6, 6, generator=generator) * 2 + 1
     dy = torch.randn(2, sum(SIZES), 4, 4, 4, generator=generator)
-    reports = run_on_ranks(2, rank_compiled_and_eager_steps, x, dy)
-    reference = _reference(x, dy)
+    reports = run_on_ranks(2, rank_compiled_and_eager_steps, x, dy, first_norm)
+    reference = _reference(x, dy, first_norm)
     tol = TOLERANCES[torch.float32]
     for step in range(2):
         for key in ("y", "grad_x"):
