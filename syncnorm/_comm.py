@@ -25,13 +25,18 @@ VALIDATION_HINT = (
 )
 
 
+def distributed_ready() -> bool:
+    """Whether torch.distributed is available and initialised (so that a layer may communicate)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def statistics_group(process_group: Optional[ProcessGroup], layer: str) -> Optional[ProcessGroup]:
     """The group a layer synchronises over, or None when there is nobody to synchronise with.
 
     None when torch.distributed is unavailable or not initialised, or when the group has one rank:
     the layer then runs as plain BatchNorm, with zero collectives.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed_ready():
         return None
     group = process_group if process_group is not None else dist.group.WORLD
     if dist.get_rank(group) < 0:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -101,16 +101,27 @@ class SyncBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.training and _compiling() and _comm.distributed_ready():
+            # Under torch.compile a training forward that may communicate runs eagerly: dynamo breaks the
+            # graph once at this layer instead of tracing its collectives and recompiling them per shape.
+            return _run_eagerly(self._forward, input)
+        return self._forward(input)
+
+    def _forward(self, input: Tensor) -> Tensor:
         validating = _validate.enabled()
         if validating:  # first, so a bad input on one rank raises on every rank, not only there
             _validate.check_forward(self, input)
         self._check_input_dim(input)
         # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
         self.last_input_dim = input.dim()
+        group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
+        return self._normalize(input, group, validating)
 
+    def _normalize(self, input: Tensor, group: Optional[_comm.ProcessGroup], validating: bool) -> Tensor:
         # A forward that autograd re-runs inside backward (activation checkpointing) recomputes a batch
-        # already counted: it still synchronises (every rank recomputes), but updates nothing.
-        recomputing = _inside_backward()
+        # already counted: it still synchronises (every rank recomputes), but updates nothing. (A compiled
+        # graph recomputes inside its own backward, without running this code again.)
+        recomputing = not _compiling() and _inside_backward()
         tracks = (
             self.training and self.track_running_stats and self.num_batches_tracked is not None and not recomputing
         )
@@ -124,7 +135,6 @@ class SyncBatchNorm(_BatchNorm):
         running_mean = self.running_mean if uses_buffers else None
         running_var = self.running_var if uses_buffers else None
 
-        group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
         output = sync_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps,
             group=group, layer=self._describe(),
@@ -144,6 +154,21 @@ class SyncBatchNorm(_BatchNorm):
         from .convert import convert_model
 
         return convert_model(module, process_group)
+
+
+def _call(fn: Callable[..., Tensor], *args: Any) -> Tensor:
+    return fn(*args)
+
+
+# Disabled for dynamo lazily (torch._disable_dynamo imports torch._dynamo on the first call, which happens
+# only while compiling), so that importing syncnorm does not import dynamo. Older torch: traced as is.
+_run_eagerly: Callable[..., Tensor] = getattr(torch, "_disable_dynamo", lambda fn: fn)(_call)
+
+
+def _compiling() -> bool:
+    """Whether dynamo is tracing this code (torch.compile)."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+    return bool(is_compiling())
 
 
 def _inside_backward() -> bool:
