@@ -9,7 +9,9 @@ the restarted job end exactly where an uninterrupted one ends:
 - every ``--every`` steps rank 0 saves the step, the model's ``state_dict`` (parameters, running
   statistics, ``num_batches_tracked``) and the optimizer's, to a temporary file renamed over the
   checkpoint (a crash mid-write leaves the previous checkpoint whole);
-- at start every rank loads the checkpoint if there is one, before the DistributedDataParallel wrap.
+- at start every rank loads the checkpoint if there is one, before the DistributedDataParallel wrap;
+- each attempt joins its process group under a store prefix of its own (``init_process_group`` below
+  says why).
 
 syncnorm layers keep the state_dict of BatchNorm, so the checkpoint is that of the plain model. A
 multi-node job needs the checkpoint on a file system every node reads.
@@ -28,6 +30,7 @@ import argparse
 import datetime
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--final", type=Path, default=Path("out/elastic-final.pt"), help="rank 0's final state")
     parser.add_argument("--kill-at", type=int, default=None, help="first attempt: SIGKILL a rank before this step")
     parser.add_argument("--kill-rank", type=int, default=1)
+    parser.add_argument("--late-rank0", type=float, default=0.0,
+                        help="restarted attempts: rank 0 joins this many seconds late (exposes stale store keys)")
     return parser.parse_args()
 
 
@@ -85,9 +90,28 @@ def save_checkpoint(path: Path, step: int, model: nn.Module, optimizer: torch.op
     os.replace(partial, path)  # atomic: a reader sees the old checkpoint or the new one, never half of one
 
 
+def init_process_group(timeout: datetime.timedelta) -> None:
+    """``dist.init_process_group("gloo")``, with this attempt's keys kept apart from those of earlier attempts.
+
+    With a c10d rendezvous, torchrun gives every attempt of the job the same TCPStore
+    (``TORCHELASTIC_USE_AGENT_STORE=True``), and the keys the dead attempt wrote are still in it: a
+    restarted rank can read a peer's address from the previous attempt and fail with Gloo's
+    "Connection refused" (seen with torch 2.14.1). A prefix per attempt keeps the attempts apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group("gloo", timeout=timeout)
+        return
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"attempt_{attempt}", store), timeout=timeout,
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
 def main() -> None:
     args = parse_args()
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    if args.late_rank0 and os.environ.get("RANK") == "0" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        time.sleep(args.late_rank0)
+    init_process_group(datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if args.global_batch % world:

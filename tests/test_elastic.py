@@ -3,7 +3,8 @@
 Two jobs of examples/train_elastic.py run side by side, each ``torchrun --nnodes 1 --nproc-per-node 2
 --max-restarts 1`` with a c10d rendezvous on 127.0.0.1 (a free port each): one uninterrupted, one in
 which rank 1 SIGKILLs itself before step 3 of its first attempt. The agent restarts both workers; they
-resume from the checkpoint of step 2 and finish. The oracle is the uninterrupted job: parameters,
+resume from the checkpoint of step 2 and finish (rank 0 joining the new attempt late, which the
+example's per-attempt store prefix must survive). The oracle is the uninterrupted job: parameters,
 running statistics, num_batches_tracked and the optimizer's momentum buffers must be bitwise equal (same
 ranks, same data of each step, deterministic CPU kernels on one thread). Every subprocess has a timeout.
 """
@@ -75,7 +76,10 @@ def _assert_identical(got: dict, want: dict, what: str) -> None:
 
 
 def test_job_with_a_killed_worker_restarts_and_ends_identical_to_an_uninterrupted_one(tmp_path: Path) -> None:
-    jobs = [_start(tmp_path / "uninterrupted"), _start(tmp_path / "killed", "--kill-at", str(KILL_AT))]
+    # Rank 0 of the restarted attempt joins 2 s late: without the example's per-attempt store prefix the other
+    # rank would then read rank 0's address from the dead attempt and fail ("Connection refused").
+    killed_args = ("--kill-at", str(KILL_AT), "--late-rank0", "2")
+    jobs = [_start(tmp_path / "uninterrupted"), _start(tmp_path / "killed", *killed_args)]
     try:
         uninterrupted, killed = (_finish(job) for job in jobs)
     finally:
