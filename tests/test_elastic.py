@@ -76,9 +76,10 @@ def _assert_identical(got: dict, want: dict, what: str) -> None:
 
 
 def test_job_with_a_killed_worker_restarts_and_ends_identical_to_an_uninterrupted_one(tmp_path: Path) -> None:
-    # Rank 0 of the restarted attempt joins 2 s late: without the example's per-attempt store prefix the other
-    # rank would then read rank 0's address from the dead attempt and fail ("Connection refused").
-    killed_args = ("--kill-at", str(KILL_AT), "--late-rank0", "2")
+    # Rank 0 of the restarted attempt joins 5 s late, so that rank 1 likely reads the store first: without the
+    # example's per-attempt store prefix it then reads rank 0's address from the dead attempt and fails
+    # ("Connection refused"). Likely, not certain: on a loaded machine rank 1's imports can take longer.
+    killed_args = ("--kill-at", str(KILL_AT), "--late-rank0", "5")
     jobs = [_start(tmp_path / "uninterrupted"), _start(tmp_path / "killed", *killed_args)]
     try:
         uninterrupted, killed = (_finish(job) for job in jobs)
