@@ -12,6 +12,7 @@ classes during and after fit, the final training loss and the test accuracy.
 from __future__ import annotations
 
 import argparse
+import os
 
 import pytorch_lightning as pl
 import torch
@@ -77,7 +78,8 @@ def main() -> None:
     args = parser.parse_args()
 
     model = DigitsNet(args.batch_size)
-    print(f"before fit: {batchnorm_classes(model)}", flush=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank runs this line
+        print(f"before fit: {batchnorm_classes(model)}", flush=True)
     trainer = pl.Trainer(
         accelerator="auto", devices=args.devices, strategy=args.strategy, plugins=[SyncNormLayerSync()],
         max_epochs=args.epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
