@@ -13,13 +13,19 @@ optimizer, a list of layers to freeze, a hook handle) stay exactly what they wer
   the original ``forward`` unchanged, while a ``TorchFunctionMode`` sends the
   ``torch.nn.functional.batch_norm`` calls that belong to this layer to syncnorm's synchronised
   path. So activation, drop layers, input checks and whatever else the subclass does are computed
-  exactly as before; only the batch statistics become those of the global batch.
+  exactly as before; only the batch statistics become those of the global batch. Before that
+  ``forward`` runs, the generated class does what ``SyncBatchNorm.forward`` does first, with the same
+  code (``batchnorm.begin_forward``): validation mode, then the input checks; and in a forward that
+  autograd recomputes inside backward (activation checkpointing) it passes no running buffers and puts
+  back the subclass's own ``num_batches_tracked`` count, as it does after a failed forward.
 
 Limits of the second mechanism, all of them outside what BatchNorm subclasses in torchvision,
 timm or detectron2 do: a call counts as the layer's own when it passes the layer's own
 ``weight``, ``bias``, ``running_mean`` or ``running_var`` (or, for a layer with none of them, no
 such tensors at all); a subclass that normalises with ``torch.batch_norm`` or a custom kernel
-instead of ``F.batch_norm`` stays local; and a subclass of ``torch.nn.SyncBatchNorm`` that calls
+instead of ``F.batch_norm`` stays local; the input of the layer's ``forward`` (its first
+argument) must be what BatchNorm takes, (N, C, ...) with ``num_features`` channels, since it is
+checked before the subclass's code runs; and a subclass of ``torch.nn.SyncBatchNorm`` that calls
 ``super().forward`` keeps torch's own synchronisation there.
 """
 
