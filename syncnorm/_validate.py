@@ -30,7 +30,7 @@ from . import _comm
 from ._errors import SyncNormError
 
 if TYPE_CHECKING:
-    from .batchnorm import SyncBatchNorm
+    from torch.nn.modules.batchnorm import _BatchNorm
 
 ENVIRONMENT_VARIABLE = "SYNCNORM_VALIDATE"
 _TRUE = ("1", "true", "yes", "on")
@@ -104,13 +104,15 @@ _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 _PHASES = ("forward", "backward")
 
 
-def check_forward(layer: SyncBatchNorm, input: Any) -> None:
+def check_forward(layer: _BatchNorm, input: Any, description: str) -> None:
     """Compare this forward with every rank's; raise on every rank if they differ. Collective.
 
-    Called before any other check of the input, so a bad input on one rank (6-D, wrong channels, an
-    integer tensor) is reported on every rank instead of leaving the others waiting.
+    Called before any other check of the input (and, for a converted subclass, before its own
+    ``forward``), so a bad input on one rank (6-D, wrong channels, an integer tensor) is reported on
+    every rank instead of leaving the others waiting. ``layer`` is a ``syncnorm.SyncBatchNorm`` or a
+    converted subclass; ``description`` names it in the error of a failed collective.
     """
-    group = _comm.statistics_group(layer.process_group, layer._describe())
+    group = _comm.statistics_group(layer.process_group, description)
     if group is None:  # nobody to compare with: every rank of a one-rank group sees the same
         return
     is_tensor = isinstance(input, Tensor)
@@ -122,28 +124,28 @@ def check_forward(layer: SyncBatchNorm, input: Any) -> None:
         dim=input.dim() if is_tensor else -1,
         channels=input.shape[1] if is_tensor and input.dim() >= 2 else -1,
         needs_grad=layer.training and is_tensor and input.requires_grad and torch.is_grad_enabled(),
-        name=layer.layer_name or "",
+        name=getattr(layer, "layer_name", None) or "",
         device=input.device if is_tensor else torch.device("cpu"),
     )
-    _compare(fingerprint, group, layer._describe())
+    _compare(fingerprint, group, description)
 
 
-def check_backward(layer: SyncBatchNorm, output: Tensor, input: Tensor) -> None:
+def check_backward(layer: _BatchNorm, output: Tensor, input: Tensor, description: str) -> None:
     """Have the backward of ``output`` validate too, before its all-reduce (a tensor hook; no collective now).
 
     Catches a rank that skipped a backward and went on to the next forward: its forward fingerprint
     meets the others' backward fingerprint, and every rank raises naming both.
     """
-    group = _comm.statistics_group(layer.process_group, layer._describe())
+    group = _comm.statistics_group(layer.process_group, description)
     # Only a backward that all-reduces validates: the input needs a gradient on every rank (checked
     # in forward), so every rank registers the hook, or none does.
     if group is None or not (output.requires_grad and input.requires_grad):
         return
     fingerprint = _fingerprint(
         phase=1, features=layer.num_features, training=True, dtype=input.dtype, dim=input.dim(),
-        channels=input.shape[1], needs_grad=True, name=layer.layer_name or "", device=input.device,
+        channels=input.shape[1], needs_grad=True, name=getattr(layer, "layer_name", None) or "",
+        device=input.device,
     )
-    description = layer._describe()
 
     def validate_backward(grad: Tensor) -> None:
         _compare(fingerprint, group, description)

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _comm, _validate
@@ -80,25 +81,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         """Reject bad input on every rank before any collective, with what was expected and how to fix it."""
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{self._describe()} expected a torch.Tensor, got {type(input).__name__}.")
-        if not 2 <= input.dim() <= 5:
-            hint = "; add a batch dimension" if input.dim() < 2 else "; fold extra dimensions into the last ones"
-            raise ValueError(
-                f"{self._describe()} expected input of 2 to 5 dimensions (N, C, ...) "
-                f"(got a {input.dim()}-D tensor of shape {tuple(input.shape)}){hint}."
-            )
-        if input.shape[1] != self.num_features:
-            raise ValueError(
-                f"{self._describe()} expected {self.num_features} channels in dim 1 of the input "
-                f"(got {input.shape[1]}, input shape {tuple(input.shape)}); build the layer with "
-                f"num_features={input.shape[1]} or feed it channels-first (N, C, ...) input."
-            )
-        if not input.is_floating_point():
-            raise TypeError(
-                f"{self._describe()} expected a floating-point input (float32, float64, float16 or "
-                f"bfloat16), got {input.dtype}; convert it with .float()."
-            )
+        check_input(input, self.num_features, self._describe())
 
     def forward(self, input: Tensor) -> Tensor:
         if self.training and _compiling() and _comm.distributed_ready():
@@ -108,10 +91,7 @@ class SyncBatchNorm(_BatchNorm):
         return self._forward(input)
 
     def _forward(self, input: Tensor) -> Tensor:
-        validating = _validate.enabled()
-        if validating:  # first, so a bad input on one rank raises on every rank, not only there
-            _validate.check_forward(self, input)
-        self._check_input_dim(input)
+        validating = begin_forward(self, input, self._describe())
         # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
         self.last_input_dim = input.dim()
         group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
@@ -121,7 +101,7 @@ class SyncBatchNorm(_BatchNorm):
         # A forward that autograd re-runs inside backward (activation checkpointing) recomputes a batch
         # already counted: it still synchronises (every rank recomputes), but updates nothing. (A compiled
         # graph recomputes inside its own backward, without running this code again.)
-        recomputing = not _compiling() and _inside_backward()
+        recomputing = recomputing_forward()
         tracks = (
             self.training and self.track_running_stats and self.num_batches_tracked is not None and not recomputing
         )
@@ -140,7 +120,7 @@ class SyncBatchNorm(_BatchNorm):
             group=group, layer=self._describe(),
         )
         if validating and group is not None:
-            _validate.check_backward(self, output, input)
+            _validate.check_backward(self, output, input, self._describe())
         # Counted only once the step succeeded, so a failed step leaves the layer as it was.
         if tracks:
             self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
@@ -154,6 +134,54 @@ class SyncBatchNorm(_BatchNorm):
         from .convert import convert_model
 
         return convert_model(module, process_group)
+
+
+# The dtypes the kernels take; anything else (float8, integers, complex) is refused before any collective.
+_KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_input(input: Any, num_features: int, layer: str) -> None:
+    """``SyncBatchNorm._check_input_dim`` for any syncnorm layer (converted subclasses too); ``layer`` names it."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{layer} expected a torch.Tensor, got {type(input).__name__}.")
+    if not 2 <= input.dim() <= 5:
+        hint = "; add a batch dimension" if input.dim() < 2 else "; fold extra dimensions into the last ones"
+        raise ValueError(
+            f"{layer} expected input of 2 to 5 dimensions (N, C, ...) "
+            f"(got a {input.dim()}-D tensor of shape {tuple(input.shape)}){hint}."
+        )
+    if input.shape[1] != num_features:
+        raise ValueError(
+            f"{layer} expected {num_features} channels in dim 1 of the input "
+            f"(got {input.shape[1]}, input shape {tuple(input.shape)}); build the layer with "
+            f"num_features={input.shape[1]} or feed it channels-first (N, C, ...) input."
+        )
+    if input.dtype not in _KERNEL_DTYPES:
+        raise TypeError(
+            f"{layer} expected a floating-point input of a dtype its kernels take (float32, float64, float16 "
+            f"or bfloat16), got {input.dtype}; convert it with .float()."
+        )
+
+
+def begin_forward(layer: _BatchNorm, input: Any, description: str) -> bool:
+    """The first steps of every syncnorm forward (converted subclasses too); whether validation mode is on.
+
+    Validation comes first, so a bad input on one rank raises on every rank, not only there; then the
+    input checks, on every rank, before the layer's own code and before any collective.
+    """
+    validating = _validate.enabled()
+    if validating:
+        _validate.check_forward(layer, input, description)
+    if isinstance(layer, SyncBatchNorm):
+        layer._check_input_dim(input)  # a subclass of SyncBatchNorm may override it
+    else:
+        check_input(input, layer.num_features, description)
+    return validating
+
+
+def recomputing_forward() -> bool:
+    """Whether this forward is autograd re-running a checkpointed forward inside backward (count nothing)."""
+    return not _compiling() and _inside_backward()
 
 
 def _call(fn: Callable[..., Tensor], *args: Any) -> Tensor:
@@ -201,7 +229,20 @@ def sync_batch_norm(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if group is None or not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _refuse_forward_ad(layer, input, weight, bias)
     output: Tensor = SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, eps, momentum, group, layer
     )
     return output
+
+
+def _refuse_forward_ad(layer: str, *tensors: Optional[Tensor]) -> None:
+    """Refuse dual tensors before the Function runs: it has no jvp, and torch would raise only after the update."""
+    if forward_ad._current_level < 0:  # no dual level entered: nothing can be a dual tensor (no op, no cost)
+        return
+    if any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"{layer}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported by a "
+            "synchronised training forward; nothing was changed. Use reverse mode (backward), or run the layer "
+            "in eval() mode or without a process group, where it is plain batch_norm and supports it."
+        )

@@ -13,13 +13,19 @@ optimizer, a list of layers to freeze, a hook handle) stay exactly what they wer
   the original ``forward`` unchanged, while a ``TorchFunctionMode`` sends the
   ``torch.nn.functional.batch_norm`` calls that belong to this layer to syncnorm's synchronised
   path. So activation, drop layers, input checks and whatever else the subclass does are computed
-  exactly as before; only the batch statistics become those of the global batch.
+  exactly as before; only the batch statistics become those of the global batch. Before that
+  ``forward`` runs, the generated class does what ``SyncBatchNorm.forward`` does first, with the same
+  code (``batchnorm.begin_forward``): validation mode, then the input checks; and in a forward that
+  autograd recomputes inside backward (activation checkpointing) it passes no running buffers and puts
+  back the subclass's own ``num_batches_tracked`` count, as it does after a failed forward.
 
 Limits of the second mechanism, all of them outside what BatchNorm subclasses in torchvision,
 timm or detectron2 do: a call counts as the layer's own when it passes the layer's own
 ``weight``, ``bias``, ``running_mean`` or ``running_var`` (or, for a layer with none of them, no
 such tensors at all); a subclass that normalises with ``torch.batch_norm`` or a custom kernel
-instead of ``F.batch_norm`` stays local; and a subclass of ``torch.nn.SyncBatchNorm`` that calls
+instead of ``F.batch_norm`` stays local; the input of the layer's ``forward`` (its first
+argument) must be what BatchNorm takes, (N, C, ...) with ``num_features`` channels, since it is
+checked before the subclass's code runs; and a subclass of ``torch.nn.SyncBatchNorm`` that calls
 ``super().forward`` keeps torch's own synchronisation there.
 """
 
@@ -29,21 +35,23 @@ import inspect
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
-from . import _comm
-from .batchnorm import SyncBatchNorm, sync_batch_norm
+from . import _comm, _validate
+from .batchnorm import SyncBatchNorm, begin_forward, recomputing_forward, sync_batch_norm
 
 Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 
 # The classes whose forward is plain BatchNorm: they become syncnorm.SyncBatchNorm itself.
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Instance attributes a conversion may add; revert_model removes those the original lacked.
-_SYNC_ATTRS = ("process_group", "layer_name", "last_input_dim", "_syncnorm_original", "_syncnorm_kept")
+_SYNC_ATTRS = ("process_group", "layer_name", "last_input_dim", "_syncnorm_original", "_syncnorm_kept",
+               "_syncnorm_replaced")
 _BY_INPUT_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
@@ -65,7 +73,9 @@ def convert_model(
     a rank's slice of the batch already has everything they need: GroupNorm, LayerNorm and
     InstanceNorm normalise within one sample, and frozen BatchNorms (torchvision's
     ``FrozenBatchNorm2d``) use fixed statistics. (A BatchNorm in ``eval()`` mode is converted, and
-    communicates nothing until it trains.) Layers that are already syncnorm layers are left as they are.
+    communicates nothing until it trains.) Layers that are already syncnorm layers stay as they are,
+    except that an explicit ``process_group`` is applied to them too, as torch's
+    ``convert_sync_batchnorm`` does.
 
     Args:
         module: a model, or a single BatchNorm layer.
@@ -94,6 +104,8 @@ def convert_model(
             excluded.append(name)
         elif isinstance(layer, _BatchNorm) and not _is_synchronised(layer):
             _convert_layer(layer, process_group, name or type(layer).__name__)
+        elif _is_synchronised(layer) and process_group is not None:
+            layer.process_group = process_group
     return module
 
 
@@ -103,7 +115,9 @@ def revert_model(module: nn.Module) -> nn.Module:
     A layer converted by ``convert_model`` gets its original class back (``torch.nn.BatchNorm2d``,
     timm's ``BatchNormAct2d``, ...). A layer built as ``syncnorm.SyncBatchNorm`` becomes
     ``torch.nn.BatchNorm1d``, ``2d`` or ``3d`` after the rank of the last input it saw
-    (``BatchNorm2d`` if it never ran). Like the conversion it works in place: the state, hooks and
+    (``BatchNorm2d`` if it never ran). Attributes of its own that the conversion replaced (the
+    ``process_group`` of a ``torch.nn.SyncBatchNorm`` converted with another group) get their
+    values back. Like the conversion it works in place: the state, hooks and
     flags are untouched, and the result has nothing of syncnorm left, so it runs on one device and
     traces with ``torch.jit.trace`` and ``torch.export``. Subclasses of ``syncnorm.SyncBatchNorm``
     written by users are left as they are.
@@ -165,6 +179,9 @@ def _convert_layer(layer: _BatchNorm, process_group: Optional[_comm.ProcessGroup
     original = type(layer)
     state = vars(layer)
     kept = tuple(attr for attr in _SYNC_ATTRS if attr in state)
+    # The layer's own values of the attributes a conversion sets (torch.nn.SyncBatchNorm's process_group),
+    # for revert_model.
+    state["_syncnorm_replaced"] = {attr: state[attr] for attr in kept}
     if process_group is not None or "process_group" not in state:
         state["process_group"] = process_group
     state["layer_name"] = name
@@ -182,9 +199,11 @@ def _revert_layer(layer: nn.Module) -> None:
     if original is None:
         original = _BY_INPUT_DIM.get(layer.__dict__.get("last_input_dim") or 4, nn.BatchNorm2d)
     kept = layer.__dict__.get("_syncnorm_kept", ())
+    replaced = layer.__dict__.get("_syncnorm_replaced", {})
     for attr in _SYNC_ATTRS:
         if attr in layer.__dict__ and attr not in kept:
             delattr(layer, attr)
+    layer.__dict__.update(replaced)
     layer.__class__ = original
 
 
@@ -201,14 +220,31 @@ def _synchronised_class(original: type[_BatchNorm]) -> type[_BatchNorm]:
 
 
 def _make_synchronised_class(original: type[_BatchNorm]) -> type[_BatchNorm]:
+    input_name = _first_parameter(original.forward)
 
     def forward(self: _BatchNorm, *args: Any, **kwargs: Any) -> Any:
-        group = _comm.statistics_group(self.process_group, _describe(self)) if self.training else None
-        # Every rank of an identical model takes the same branch: training flag and group are shared facts.
-        if group is None:
+        description = _describe(self)
+        # What SyncBatchNorm.forward does first, before the subclass's own code can change anything:
+        # validation mode (in eval mode too), then the input checks, on every rank.
+        input = args[0] if args else kwargs.get(input_name) if input_name else None
+        validating = begin_forward(self, input, description)
+        if not self.training:
             return original.forward(self, *args, **kwargs)
-        with _RouteBatchNorm(self, group):
-            return original.forward(self, *args, **kwargs)
+        group = _comm.statistics_group(self.process_group, description)
+        recomputing = recomputing_forward()
+        # The subclass may count the batch itself (timm's BatchNormAct2d does, before F.batch_norm): a
+        # recomputed forward (activation checkpointing) or a failed one must leave that count as it was.
+        counted = self.num_batches_tracked if isinstance(self.num_batches_tracked, Tensor) else None
+        saved = None if counted is None else counted.clone()
+        try:
+            with _RouteBatchNorm(self, group, description, validating=validating, recomputing=recomputing):
+                output = original.forward(self, *args, **kwargs)
+        except BaseException:
+            _restore(counted, saved)
+            raise
+        if recomputing:
+            _restore(counted, saved)
+        return output
 
     def __reduce_ex__(self: _BatchNorm, protocol: Any) -> Any:
         # The generated class cannot be found by name in another process: rebuild it from the original.
@@ -227,6 +263,21 @@ def _make_synchronised_class(original: type[_BatchNorm]) -> type[_BatchNorm]:
     return type(f"Sync{original.__name__}", (original,), namespace)
 
 
+def _first_parameter(forward: Callable[..., Any]) -> Optional[str]:
+    """The name of ``forward``'s input parameter (the one after ``self``), if it has one."""
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())[1:]
+    except (TypeError, ValueError):  # no signature to read: the input must then come positionally
+        return None
+    return parameters[0].name if parameters else None
+
+
+def _restore(counted: Optional[Tensor], saved: Optional[Tensor]) -> None:
+    if counted is not None and saved is not None:
+        with torch.no_grad():
+            counted.copy_(saved)
+
+
 def _new_synchronised(original: type[_BatchNorm]) -> nn.Module:
     """An empty instance of ``Sync<original>``, for pickle and ``copy.deepcopy``."""
     cls = _synchronised_class(original)
@@ -241,12 +292,20 @@ def _describe(layer: nn.Module) -> str:
 
 
 class _RouteBatchNorm(TorchFunctionMode):
-    """Sends the ``F.batch_norm`` calls of one layer, made while it is active, to ``sync_batch_norm``."""
+    """Sends the training ``F.batch_norm`` calls of one layer, made while it is active, to ``sync_batch_norm``.
 
-    def __init__(self, layer: _BatchNorm, group: _comm.ProcessGroup) -> None:
+    ``group`` may be None (one process, or a group of one rank): the call is then plain batch_norm,
+    still without updating anything in a recomputed forward, as ``SyncBatchNorm``.
+    """
+
+    def __init__(self, layer: _BatchNorm, group: Optional[_comm.ProcessGroup], description: str, *,
+                 validating: bool, recomputing: bool) -> None:
         super().__init__()
         self.layer = layer
         self.group = group
+        self.description = description
+        self.validating = validating
+        self.recomputing = recomputing
 
     def __torch_function__(
         self, func: Callable[..., Any], types: Any, args: tuple[Any, ...] = (), kwargs: Optional[dict[str, Any]] = None
@@ -255,8 +314,14 @@ class _RouteBatchNorm(TorchFunctionMode):
         if func is F.batch_norm:
             call = _BATCH_NORM_SIGNATURE.bind(*args, **kwargs)
             call.apply_defaults()
-            if call.arguments["training"] and self._owns(call.arguments):
-                return sync_batch_norm(**call.arguments, group=self.group, layer=_describe(self.layer))
+            arguments = call.arguments
+            if arguments["training"] and self._owns(arguments):
+                if self.recomputing:  # this batch was counted in the first forward
+                    arguments["running_mean"] = arguments["running_var"] = None
+                output = sync_batch_norm(**arguments, group=self.group, layer=self.description)
+                if self.validating and self.group is not None:
+                    _validate.check_backward(self.layer, output, arguments["input"], self.description)
+                return output
         return func(*args, **kwargs)
 
     def _owns(self, arguments: dict[str, Any]) -> bool:
