@@ -97,7 +97,8 @@ def parse_args(argv: Optional[list[str]] = None, world_size: Optional[int] = Non
     """Parse and check the arguments on every process, before Accelerate forms the group (usage error: exit 2)."""
     world = _first_int(WORLD_SIZE_VARIABLES, 1) if world_size is None else world_size
     # The parser prints a usage error on each machine's first process only.
-    parser = ArgumentParser(description=__doc__.split("\n")[0], local_rank=_first_int(LOCAL_RANK_VARIABLES, 0))
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n")[0],
+                            local_rank=_first_int(LOCAL_RANK_VARIABLES, 0))
     parser.add_argument("--steps", type=positive_int, default=100, help="training steps (default 100)")
     parser.add_argument("--batch-per-process", type=positive_int, default=4,
                         help=f"images a process sees each step (default 4); processes x this must be at most "

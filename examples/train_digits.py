@@ -319,7 +319,7 @@ def parse_args(argv: Optional[list[str]] = None, world_size: Optional[int] = Non
     ``world_size`` defaults to the launcher's ``WORLD_SIZE``: the global batch must fit in the training images.
     """
     world = launched_world_size() if world_size is None else world_size
-    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=positive_int, default=300, help="training steps of each run (default 300)")
     parser.add_argument("--batch-per-rank", type=positive_int, default=4,
                         help=f"images a rank sees each step (default 4); ranks x this must be at most the "
