@@ -195,11 +195,12 @@ def test_accelerate_launch_trains_on_two_cpu_processes(tmp_path: Path) -> None:
 )
 def test_torchrun_launcher_passes_nodes_and_rendezvous_to_torchrun(args: list[str], variables: dict[str, str],
                                                                  expected: str) -> None:
-    done = subprocess.run(["launch/torchrun.sh", "--dry-run", *args, "train.py", "--steps", "3"], cwd=REPO,
+    script = "examples/train_digits.py"  # it must exist, even for a dry run
+    done = subprocess.run(["launch/torchrun.sh", "--dry-run", *args, script, "--steps", "3"], cwd=REPO,
                           env=_env(**variables), capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     command = done.stdout.strip().splitlines()[-1]
-    assert command == f"{sys.executable} -m torch.distributed.run {expected} train.py --steps 3"
+    assert command == f"{sys.executable} -m torch.distributed.run {expected} {script} --steps 3"
 
 
 def test_launcher_scripts_parse_and_explain_a_missing_script() -> None:
