@@ -29,9 +29,10 @@ import argparse
 import datetime
 import inspect
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -116,6 +117,9 @@ def load_digits(device: torch.device, dtype: torch.dtype = torch.float32) -> Dig
 
 def global_batches(num_train: int, global_batch: int, steps: int, seed: int) -> list[Tensor]:
     """The sample indices of every step's global batch; every rank and every run computes the same list."""
+    if not 1 <= global_batch <= num_train or steps < 1:  # else the loop below never ends, or returns nothing
+        raise ValueError(f"global_batches expected 1 <= global_batch <= num_train ({num_train}) and steps >= 1, "
+                         f"got global_batch {global_batch}, steps {steps}")
     batches: list[Tensor] = []
     epoch = 0
     while len(batches) < steps:
@@ -259,11 +263,68 @@ def plot(results: dict[str, RunResult], world: int, args: argparse.Namespace, pa
     plt.close(fig)
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps of each run (default 300)")
-    parser.add_argument("--batch-per-rank", type=int, default=4, help="images a rank sees each step (default 4)")
-    parser.add_argument("--lr", type=float, default=0.05, help="SGD learning rate (momentum 0.9)")
+# scikit-learn's digits: 1797 images, 80 % of them to train (load_digits' split). Argument checks use the count
+# before any data is loaded, so that a bad --batch-per-rank fails at once on every rank instead of hanging.
+DIGITS_IMAGES = 1797
+TRAIN_IMAGES = int(0.8 * DIGITS_IMAGES)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (argparse turns the ValueError into a usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+positive_int.__name__ = "positive integer"  # argparse names the type in its message: "invalid positive integer value"
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+positive_float.__name__ = "positive number"
+
+
+def launched_world_size() -> int:
+    """The number of ranks a launcher asked for (WORLD_SIZE, set by torchrun and mpi_rendezvous), 1 without one."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error, printed by the first rank of each node; every rank exits with 2."""
+
+    def __init__(self, *args: Any, local_rank: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
+
+    def error(self, message: str) -> NoReturn:
+        if self.local_rank == 0:  # not N copies of one message from the N ranks of a node
+            sys.stderr.write(f"{self.prog}: error: {message} (--help lists the options)\n")
+        sys.exit(2)
+
+
+def parse_args(argv: Optional[list[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse and check the arguments; a bad one ends in argparse's usage error (exit status 2).
+
+    Every rank calls this before any process-group work, so every rank stops, none waits for the others.
+    ``world_size`` defaults to the launcher's ``WORLD_SIZE``: the global batch must fit in the training images.
+    """
+    world = launched_world_size() if world_size is None else world_size
+    parser = ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps of each run (default 300)")
+    parser.add_argument("--batch-per-rank", type=positive_int, default=4,
+                        help=f"images a rank sees each step (default 4); ranks x this must be at most the "
+                        f"{TRAIN_IMAGES} training images")
+    parser.add_argument("--lr", type=positive_float, default=0.05, help="SGD learning rate (momentum 0.9)")
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                         help="float64 (default) keeps float rounding, which SGD amplifies over hundreds of steps, "
                         "far below what the table shows; with float32 syncnorm and the single process drift "
@@ -277,8 +338,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.dtype = getattr(torch, args.dtype)
     args.runs = [run.strip() for run in args.runs.split(",") if run.strip()]
     unknown = sorted(set(args.runs) - set(RUNS))
-    if unknown:
-        parser.error(f"--runs expected names among {', '.join(RUNS)}, got {', '.join(unknown)}")
+    if unknown or not args.runs:
+        got = ", ".join(repr(run) for run in unknown) if unknown else "no name"
+        parser.error(f"--runs expected a comma-separated subset of {','.join(RUNS)}, got {got}")
+    if world * args.batch_per_rank > TRAIN_IMAGES:
+        parser.error(f"--batch-per-rank {args.batch_per_rank} on {world} rank(s) asks for a global batch of "
+                     f"{world * args.batch_per_rank} images, but the digits have {TRAIN_IMAGES} to train on; "
+                     f"use --batch-per-rank {TRAIN_IMAGES // world} or less")
     return args
 
 

@@ -84,6 +84,27 @@ class SyncBatchNorm(_BatchNorm):
         check_input(input, self.num_features, self._describe())
 
     def forward(self, input: Tensor) -> Tensor:
+        """Normalise ``input`` with the statistics of the global batch (training) or the running ones (eval).
+
+        In training mode every rank of the process group must call it (the one all-reduce is collective);
+        it updates the running statistics with the global mean and the unbiased global variance. In eval
+        mode, without a process group, or in a group of one rank it is ``torch.nn.BatchNorm2d.forward``.
+
+        Args:
+            input: this rank's batch; it may hold zero samples, and ranks' batch sizes may differ.
+
+        Returns:
+            The normalised tensor, of the input's shape, dtype and memory format.
+
+        Shape:
+            - Input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W).
+            - Output: same as the input.
+
+        Example:
+            >>> bn = syncnorm.SyncBatchNorm(3)
+            >>> bn(torch.randn(4, 3, 8, 8)).shape
+            torch.Size([4, 3, 8, 8])
+        """
         if self.training and _compiling() and _comm.distributed_ready():
             # Under torch.compile a training forward that may communicate runs eagerly: dynamo breaks the
             # graph once at this layer instead of tracing its collectives and recompiling them per shape.

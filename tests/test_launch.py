@@ -195,11 +195,12 @@ def test_accelerate_launch_trains_on_two_cpu_processes(tmp_path: Path) -> None:
 )
 def test_torchrun_launcher_passes_nodes_and_rendezvous_to_torchrun(args: list[str], variables: dict[str, str],
                                                                  expected: str) -> None:
-    done = subprocess.run(["launch/torchrun.sh", "--dry-run", *args, "train.py", "--steps", "3"], cwd=REPO,
+    script = "examples/train_digits.py"  # it must exist, even for a dry run
+    done = subprocess.run(["launch/torchrun.sh", "--dry-run", *args, script, "--steps", "3"], cwd=REPO,
                           env=_env(**variables), capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     command = done.stdout.strip().splitlines()[-1]
-    assert command == f"{sys.executable} -m torch.distributed.run {expected} train.py --steps 3"
+    assert command == f"{sys.executable} -m torch.distributed.run {expected} {script} --steps 3"
 
 
 def test_launcher_scripts_parse_and_explain_a_missing_script() -> None:
@@ -210,3 +211,123 @@ def test_launcher_scripts_parse_and_explain_a_missing_script() -> None:
     done = subprocess.run(["launch/torchrun.sh", "--nproc", "2"], cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 2 and "expected a training script" in done.stderr
+
+
+# Argument errors: each is reported in one line with exit status 2 before any process starts (launchers) or any
+# process-group work (examples), so none of these tests trains anything.
+NPROC_EXPECTED = "--nproc expects a positive integer (processes on this node)"
+RANKS_EXPECTED = "expects a positive integer (the number of MPI ranks)"
+TORCHRUN_OPTIONS = "Options: --nproc N, --cpu, --dry-run, --help, and torchrun's: --standalone"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nproc", "0", "examples/train_digits.py"], f"{NPROC_EXPECTED}, got '0'"),
+        (["--nproc", "abc", "examples/train_digits.py"], f"{NPROC_EXPECTED}, got 'abc'"),
+        (["--nproc", "-2", "examples/train_digits.py"], f"{NPROC_EXPECTED}, got '-2'"),
+        (["--dry-run", "--nproc=0", "examples/train_digits.py"], "--nproc expects a positive integer"),
+        (["--nnodes", "x", "examples/train_digits.py"], "--nnodes (or NNODES) expects a positive integer"),
+        (["--cpus", "examples/train_digits.py"], f"unknown option --cpus (before the script). {TORCHRUN_OPTIONS}"),
+        (["--dryrun", "examples/train_digits.py"], f"unknown option --dryrun (before the script). {TORCHRUN_OPTIONS}"),
+        (["examples/nope.py"], "training script examples/nope.py not found"),
+        (["--nproc", "2"], "expected a training script"),
+    ],
+    ids=["nproc_0", "nproc_abc", "nproc_negative", "nproc_equals_0_dry_run", "nnodes_abc", "unknown_cpus",
+         "unknown_dryrun", "missing_script", "no_script"],
+)
+def test_torchrun_launcher_rejects_bad_arguments_in_one_line(args: list[str], message: str) -> None:
+    done = subprocess.run(["launch/torchrun.sh", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"launch/torchrun.sh: {message}" in done.stderr.splitlines()[-1]
+    assert "process(es)" not in done.stdout  # stopped before choosing, let alone starting, any process
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-n", "0", "examples/train_digits.py"], f"-n {RANKS_EXPECTED}, got '0'"),
+        (["-np", "two", "examples/train_digits.py"], f"-np {RANKS_EXPECTED}, got 'two'"),
+        (["-n", "2", "examples/nope.py"], "training script examples/nope.py not found"),
+        (["-n", "2"], "expected a training script (a .py file)"),
+    ],
+    ids=["n_0", "np_two", "missing_script", "no_script"],
+)
+def test_mpirun_launcher_rejects_bad_arguments_in_one_line(args: list[str], message: str) -> None:
+    done = subprocess.run(["launch/mpirun.sh", *args], cwd=REPO, env=_env(MPIRUN="/bin/false"),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr.splitlines()[-1].startswith(f"launch/mpirun.sh: {message}")
+    assert "MPI rank(s)" not in done.stdout  # nothing was started
+
+
+@pytest.mark.parametrize("launcher", ["launch/torchrun.sh", "launch/mpirun.sh"])
+def test_launchers_answer_help(launcher: str) -> None:
+    done = subprocess.run([launcher, "--help"], cwd=REPO, env=_env(MPIRUN="/bin/false"), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0].startswith("Run a training script")
+    assert f"Usage: {launcher}" in done.stdout and "--help" in done.stdout and "positive integer" in done.stdout
+
+
+def _example(name: str) -> Any:
+    sys.path.insert(0, str(REPO / "examples"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(REPO / "examples"))
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "world", "message"),
+    [
+        ("train_digits", ["--steps", "0"], 1, "argument --steps: invalid positive integer value: '0'"),
+        ("train_digits", ["--steps", "-5"], 1, "argument --steps: invalid positive integer value: '-5'"),
+        ("train_digits", ["--batch-per-rank", "0"], 1, "argument --batch-per-rank: invalid positive integer value"),
+        ("train_digits", ["--batch-per-rank", "-1"], 1, "argument --batch-per-rank: invalid positive integer value"),
+        ("train_digits", ["--batch-per-rank", "2000"], 1, "a global batch of 2000 images, but the digits have 1437"),
+        ("train_digits", ["--batch-per-rank", "360"], 4, "--batch-per-rank 360 on 4 rank(s) asks for a global batch"
+         " of 1440 images, but the digits have 1437 to train on; use --batch-per-rank 359 or less"),
+        ("train_digits", ["--runs", ","], 1, "--runs expected a comma-separated subset of local,syncnorm,single"),
+        ("train_digits", ["--runs", "local,sync"], 1, "got 'sync'"),
+        ("train_digits", ["--lr", "0"], 1, "argument --lr: invalid positive number value: '0'"),
+        ("train_accelerate", ["--steps", "0"], 2, "argument --steps: invalid positive integer value: '0'"),
+        ("train_accelerate", ["--batch-per-process", "2000"], 1, "a global batch of 2000 images"),
+        ("train_accelerate", ["--batch-per-process", "719"], 2, "use --batch-per-process 718 or less"),
+        ("train_accelerate", ["--check"], 1, "this is one process: nothing to compare"),
+    ],
+    ids=["steps_0", "steps_negative", "batch_0", "batch_negative", "batch_2000", "batch_360_on_4", "runs_empty",
+         "runs_unknown", "lr_0", "accelerate_steps_0", "accelerate_batch_2000", "accelerate_batch_719_on_2",
+         "accelerate_check_on_one_process"],
+)
+def test_examples_reject_bad_arguments_with_a_usage_error(script: str, args: list[str], world: int, message: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    module = _example(script)
+    with pytest.raises(SystemExit) as stopped:
+        module.parse_args(args, world_size=world)
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}.py: error: "), lines
+    assert message in lines[0] and lines[0].endswith("(--help lists the options)")
+
+
+def test_examples_accept_their_defaults_and_the_largest_batch() -> None:
+    assert _example("train_digits").parse_args([], world_size=4).runs == ["local", "syncnorm", "single"]
+    assert _example("train_digits").parse_args(["--batch-per-rank", "359"], world_size=4).batch_per_rank == 359
+    assert _example("train_accelerate").parse_args(["--check"], world_size=2).check
+
+
+def test_a_batch_the_data_cannot_fill_stops_every_rank_at_once_instead_of_hanging(tmp_path: Path) -> None:
+    # Before the check, this global batch of 2 x 1000 images looped forever building its first batch.
+    cmd = ["launch/torchrun.sh", "--nproc", "2", "examples/train_digits.py", "--batch-per-rank", "1000",
+           "--out", str(tmp_path)]
+    process = _start(cmd, _env())
+    stdout, stderr = _finish(process)
+    assert process.returncode != 0
+    # Both ranks exit with status 2 before init_process_group; local rank 0 alone prints the one line.
+    errors = [line for line in stderr.splitlines() if line.startswith("train_digits.py: error:")]
+    assert errors == ["train_digits.py: error: --batch-per-rank 1000 on 2 rank(s) asks for a global batch of 2000 "
+                      "images, but the digits have 1437 to train on; use --batch-per-rank 718 or less "
+                      "(--help lists the options)"], stderr
+    assert "exitcode  : 2" in stderr and "train_digits:" not in stdout and not list(tmp_path.iterdir())
