@@ -136,12 +136,12 @@ def _inputs(case: Case, n: int, ctx: Context, seed: int) -> tuple[Tensor, Tensor
     return x.to(case.dtype).to(ctx.device), dy.to(case.dtype).to(ctx.device)
 
 
-def _reference_bn(dim: int, channels: int) -> nn.Module:
+def _reference_bn(dim: int, channels: int) -> nn.modules.batchnorm._BatchNorm:
     cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[dim]
     return cls(channels, dtype=torch.float64)
 
 
-def _set_params(bn: nn.Module, channels: int) -> None:
+def _set_params(bn: nn.modules.batchnorm._BatchNorm, channels: int) -> None:
     with torch.no_grad():
         bn.weight.copy_(1 + 0.1 * torch.arange(channels))
         bn.bias.copy_(0.1 * torch.arange(channels) - 0.2)
@@ -179,12 +179,13 @@ def run_layer_case(case: Case, ctx: Context, sizes: list[int]) -> Result:
     errors.add("grad_weight (sum over ranks)", sum(r["grad_weight"] for r in ranks), ref.weight.grad)
     errors.add("grad_bias (sum over ranks)", sum(r["grad_bias"] for r in ranks), ref.bias.grad)
     notes = []
+    assert ref.num_batches_tracked is not None
+    expected_batches = int(ref.num_batches_tracked.item())
     for rank, r in enumerate(ranks):
         errors.add(f"running_mean on rank {rank}", r["running_mean"], ref.running_mean)
         errors.add(f"running_var on rank {rank}", r["running_var"], ref.running_var)
-        if r["num_batches_tracked"] != int(ref.num_batches_tracked):
-            notes.append(f"num_batches_tracked {r['num_batches_tracked']} on rank {rank}, expected "
-                         f"{int(ref.num_batches_tracked)}")
+        if r["num_batches_tracked"] != expected_batches:
+            notes.append(f"num_batches_tracked {r['num_batches_tracked']} on rank {rank}, expected {expected_batches}")
         if not r["layout_kept"]:
             notes.append(f"rank {rank}: output or input gradient lost channels_last")
         if r["dtype"] != str(case.dtype):

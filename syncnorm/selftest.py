@@ -29,7 +29,8 @@ import os
 import platform
 import socket
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
