@@ -103,3 +103,26 @@ def test_selftest_ends_with_a_message_when_the_group_cannot_form() -> None:
     assert "could not form the gloo process group" in done.stderr or "did not finish within" in done.stderr, \
         done.stderr[-4000:]
     assert elapsed < 60, f"took {elapsed:.0f} s with --timeout 5"
+
+
+@pytest.mark.parametrize("script", ["benchmarks/check_cuda.py", "benchmarks/bench_gpu.py", "syncnorm/selftest.py"])
+def test_gpu_sh_scripts_import_and_answer_help_on_cpu(script: str, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/gpu.sh cannot run here: at least every Python file it calls imports and parses --help."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(REPO))
+    spec = importlib.util.spec_from_file_location(f"gpu_sh_{Path(script).stem}", REPO / script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_gpu_sh_is_valid_bash() -> None:
+    done = subprocess.run(["bash", "-n", str(REPO / "benchmarks/gpu.sh")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
