@@ -13,6 +13,7 @@ Run (on a machine with a GPU):
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import socket
 
@@ -107,6 +108,9 @@ def check_large_mean(group: dist.ProcessGroup) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("check_cuda.py needs a CUDA device (torch sees none); run it on a machine with a GPU.")
     torch.cuda.set_device(0)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
