@@ -52,7 +52,7 @@ class Saved(NamedTuple):
     mean: Tensor  # the global mean rounded to the statistics dtype, m32
     invstd: Tensor
     residual: Tensor  # m - m32 (the float64 global mean minus m32), rounded
-    count: Tensor  # float64 scalar: the global number of values per channel
+    num_values: Tensor  # float64 scalar: the global number of values per channel
 
 
 class Backend(NamedTuple):
@@ -89,7 +89,7 @@ def _native_backward_reduce(dy: Tensor, x: Tensor, saved: Saved) -> tuple[Tensor
 def _backward_coefficients(saved: Saved, sum_dy: Tensor, sum_dy_xmu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``grad_x = scale * dy + k * (x - m32) + c`` with the global sums (about the float64 mean)."""
     scale = saved.invstd if saved.weight is None else saved.invstd * saved.weight
-    per_value = scale / saved.count.to(scale.dtype)
+    per_value = scale / saved.num_values.to(scale.dtype)
     k = -(per_value * saved.invstd * saved.invstd * sum_dy_xmu)
     # (x - m) = (x - m32) - r: the residual of the rounded mean moves into the constant.
     c = torch.addcmul(-(per_value * sum_dy), k, saved.residual, value=-1)
@@ -145,7 +145,7 @@ def _fused_backward_reduce(dy: Tensor, x: Tensor, saved: Saved) -> tuple[Tensor,
 def _fused_backward_elemt(dy: Tensor, x: Tensor, saved: Saved, sum_dy: Tensor, sum_dy_xmu: Tensor) -> Tensor:
     # The kernel takes (x - m32); with (x - m) = (x - m32) - r the residual moves into sum_dy.
     sum_dy_about_m32 = torch.addcmul(sum_dy, saved.residual * saved.invstd * saved.invstd, sum_dy_xmu, value=-1)
-    count = saved.count.to(torch.int32).reshape(1)  # int32 counts whose sum is the global count
+    count = saved.num_values.to(torch.int32).reshape(1)  # int32 counts whose sum is the global count
     return torch.batch_norm_backward_elemt(
         dy, x, saved.mean, saved.invstd, saved.weight, sum_dy_about_m32, sum_dy_xmu, count
     )

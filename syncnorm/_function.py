@@ -69,9 +69,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
             mean=mean_s,
             invstd=invstd.to(stats_dtype),
             residual=(total.mean - mean_s).to(stats_dtype),
-            count=total.num_values,
+            num_values=total.num_values,
         )
-        ctx.save_for_backward(x, saved.weight, saved.mean, saved.invstd, saved.residual, saved.count)
+        ctx.save_for_backward(x, saved.weight, saved.mean, saved.invstd, saved.residual, saved.num_values)
         ctx.backend = backend
         ctx.group = group
         ctx.layer = layer
@@ -80,42 +80,50 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, mean, invstd, residual, count = ctx.saved_tensors
-        saved = _backends.Saved(weight, mean, invstd, residual, count)
-        backend: _backends.Backend = ctx.backend
-        dy = _kernels.like_layout(grad_output, x)
-        input_needs_grad, weight_needs_grad, bias_needs_grad = ctx.needs_input_grad[:3]
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = _backward(ctx, grad_output)
+        if create_graph and grads[0] is not None:  # a second backward would need this one's: refuse it there
+            grads = (_NotTwiceDifferentiable.apply(grads[0], grad_output, ctx.layer), *grads[1:])
+        return grads
 
-        if x.numel() == 0:
-            sum_dy, sum_dy_xmu = torch.zeros(2, mean.numel(), dtype=mean.dtype, device=mean.device)
-        else:
-            sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, saved)
-        # Taken about the float32 mean m32 by the kernels; about the float64 mean m: minus r * sum_dy.
-        sums = torch.cat([sum_dy, sum_dy_xmu]).view(2, -1)
-        sums[1].addcmul_(residual, sum_dy, value=-1)
-        grad_weight = None
-        if weight_needs_grad:  # this rank's share, before the all-reduce; zero without local values
-            grad_weight = sums[1] * invstd if x.numel() else torch.zeros_like(invstd)
-        grad_bias = sum_dy if bias_needs_grad else None
-        grad_x = None
-        # needs_input_grad is the same on every rank of an identical model, so either every
-        # rank takes this all-reduce or none does.
-        if input_needs_grad:
-            _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
-            grad_x = torch.empty_like(x) if x.numel() == 0 else backend.backward_elemt(dy, x, saved, sums[0], sums[1])
-            if torch.is_grad_enabled():  # create_graph=True: a second backward would need this one's
-                grad_x = _NotTwiceDifferentiable.apply(grad_x, ctx.layer)
 
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        return (grad_x, _to(grad_weight, weight_dtype), _to(grad_bias, bias_dtype),
-                None, None, None, None, None, None, None)
+def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The synchronised backward (one all-reduce of the 2C gradient sums)."""
+    x, weight, mean, invstd, residual, count = ctx.saved_tensors
+    saved = _backends.Saved(weight, mean, invstd, residual, count)
+    backend: _backends.Backend = ctx.backend
+    dy = _kernels.like_layout(grad_output, x)
+    input_needs_grad, weight_needs_grad, bias_needs_grad = ctx.needs_input_grad[:3]
+
+    if x.numel() == 0:
+        sum_dy, sum_dy_xmu = torch.zeros(2, mean.numel(), dtype=mean.dtype, device=mean.device)
+    else:
+        sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, saved)
+    # Taken about the float32 mean m32 by the kernels; about the float64 mean m: minus r * sum_dy.
+    sums = torch.cat([sum_dy, sum_dy_xmu]).view(2, -1)
+    sums[1].addcmul_(residual, sum_dy, value=-1)
+    grad_weight = None
+    if weight_needs_grad:  # this rank's share, before the all-reduce; zero without local values
+        grad_weight = sums[1] * invstd if x.numel() else torch.zeros_like(invstd)
+    grad_bias = sum_dy if bias_needs_grad else None
+    grad_x = None
+    # needs_input_grad is the same on every rank of an identical model, so either every
+    # rank takes this all-reduce or none does.
+    if input_needs_grad:
+        _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
+        grad_x = torch.empty_like(x) if x.numel() == 0 else backend.backward_elemt(dy, x, saved, sums[0], sums[1])
+
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    return (grad_x, _to(grad_weight, weight_dtype), _to(grad_bias, bias_dtype),
+            None, None, None, None, None, None, None)
 
 
 class _NotTwiceDifferentiable(torch.autograd.Function):
     """Identity whose backward raises: the synchronised backward is not itself differentiable."""
 
     @staticmethod
-    def forward(ctx: Any, grad: Tensor, layer: str) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, grad: Tensor, grad_output: Tensor, layer: str) -> Tensor:  # type: ignore[override]
         ctx.layer = layer
         return grad.view_as(grad)
 

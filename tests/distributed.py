@@ -77,9 +77,8 @@ def _serialise(value: Any) -> bytes:
 
 
 def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:
-    import torch.distributed as dist
-
     import fused_cpu
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
     # Every rank can run the fused backend on CPU tensors; a test picks it with use_kernels("fused").
