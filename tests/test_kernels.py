@@ -174,7 +174,7 @@ def test_half_precision_input_gradient_is_finite_and_as_exact_as_torch(dtype: to
 @pytest.mark.parametrize("shape", [(1, 4), (1, 4, 3, 3), (1, 4, 3, 3, "channels_last")],
                          ids=["NC-one-value-per-rank", "NCHW", "channels_last"])
 def test_float32_large_mean_is_as_exact_as_torchs_float32_batchnorm(shape: tuple[Any, ...], kernels: str) -> None:
-    """Defect 15.6: the mean is never folded into a per-channel bias of x; forward and grad_x within 2x torch's error."""
+    """Defect 15.6: the mean is never folded into a bias of x; forward and grad_x within 2x torch's error."""
     generator = torch.Generator().manual_seed(3)
     dims = [d for d in shape if isinstance(d, int)]
     sizes = [dims[0], dims[0]]
