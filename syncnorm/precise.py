@@ -49,8 +49,8 @@ def update_bn_stats(
     accumulated in float64 about each rank's first batch mean and merged with two all-reduces at
     the end (the global mean, then the squares about it), so float64 input keeps float64 accuracy
     however large |mean| / std; every rank gets the same values. Only layers that track running
-    statistics (any ``_BatchNorm``: torch's, syncnorm's, converted subclasses) are updated; a layer that saw fewer than two values in all is left as it
-    was, with a warning. Training flags and ``num_batches_tracked`` are restored afterwards; if
+    statistics (any ``_BatchNorm``: torch's, syncnorm's, converted subclasses) are updated; a
+    layer that saw fewer than two values in all is left as it was, with a warning. Training flags and ``num_batches_tracked`` are restored afterwards; if
     anything fails, the running statistics are restored too.
 
     All ranks must call it together. Ranks stop together at the first batch some rank does not
