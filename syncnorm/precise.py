@@ -50,8 +50,9 @@ def update_bn_stats(
     the end (the global mean, then the squares about it), so float64 input keeps float64 accuracy
     however large |mean| / std; every rank gets the same values. Only layers that track running
     statistics (any ``_BatchNorm``: torch's, syncnorm's, converted subclasses) are updated; a
-    layer that saw fewer than two values in all is left as it was, with a warning. Training flags and ``num_batches_tracked`` are restored afterwards; if
-    anything fails, the running statistics are restored too.
+    layer that saw fewer than two values in all is left as it was, with a warning. Training flags
+    and ``num_batches_tracked`` are restored afterwards; if anything fails, the running statistics
+    are restored too.
 
     All ranks must call it together. Ranks stop together at the first batch some rank does not
     have (one small all-reduce per batch decides), so loaders of unequal length never hang; if
