@@ -40,12 +40,15 @@ def _is_channels_last(t: torch.Tensor) -> bool:
 def rank_train_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """On one rank: build the layer, run every step of ``spec`` on this rank's slice, report everything."""
     with use_kernels(spec.get("kernels")):
-        return _train_steps(spec)
+        reports = _train_steps(spec)
+    # Back to CPU tensors for the comparison in the test process (a no-op for CPU runs).
+    return [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in reports]
 
 
 def _train_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
     group = _subgroup(spec["group_size"]) if spec.get("group_size") else None
-    bn = syncnorm.SyncBatchNorm(spec["channels"], process_group=group, **spec["layer_kwargs"])
+    device = torch.device(spec.get("device", "cpu"))
+    bn = syncnorm.SyncBatchNorm(spec["channels"], process_group=group, device=device, **spec["layer_kwargs"])
     with torch.no_grad():
         if bn.weight is not None:
             bn.weight.copy_(spec["weight"])
@@ -56,12 +59,12 @@ def _train_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
     bn.train(spec.get("mode", "train") != "eval")
     reports = []
     for step in spec["steps"]:
-        x = _layout(my_slice(step["x"], step["sizes"]), spec.get("memory_format", "contiguous"))
+        x = _layout(my_slice(step["x"], step["sizes"]).to(device), spec.get("memory_format", "contiguous"))
         x.requires_grad_(spec.get("input_requires_grad", True))
         for p in bn.parameters():
             p.grad = None
         COLLECTIVES.reset()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.get("autocast", False)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("autocast", False)):
             if spec.get("no_grad"):
                 with torch.no_grad():
                     y = bn(x)
@@ -73,7 +76,7 @@ def _train_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
                                   "y_dtype": y.dtype, "forward_calls": forward_calls}
         dy = step.get("dy")
         if dy is not None and y.requires_grad:
-            upstream = _layout(my_slice(dy, step["sizes"]), spec.get("memory_format", "contiguous"))
+            upstream = _layout(my_slice(dy, step["sizes"]).to(device), spec.get("memory_format", "contiguous"))
             (y * upstream.to(y.dtype)).sum().backward()
             report["grad_x"] = None if x.grad is None else x.grad.clone()
             report["grad_x_channels_last"] = x.grad is not None and _is_channels_last(x.grad)
@@ -173,6 +176,20 @@ def test_matches_single_process_batchnorm(world_size: int, shape: tuple[int, ...
     sizes = [3 + r for r in range(world_size)]  # uneven on purpose
     spec = make_spec(shape, sizes, steps=2)
     spec["kernels"] = kernels
+    check_against_reference(spec, run_on_ranks(world_size, rank_train_steps, spec))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA tensors over Gloo, ranks sharing GPU 0)")
+@pytest.mark.parametrize("world_size", [2, 3, 4], ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("case", ["NCHW", "channels_last", "bfloat16", "empty-rank"])
+def test_cuda_tensors_over_gloo_match_single_process_batchnorm(world_size: int, case: str) -> None:
+    # SYNCNORM_KERNELS unset: CUDA tensors run the fused backend, torch's real CUDA kernels.
+    sizes = [3 + r for r in range(world_size)]
+    if case == "empty-rank":
+        sizes[0] = 0
+    spec = make_spec((0, 3, 4, 5), sizes, steps=2, dtype=torch.bfloat16 if case == "bfloat16" else torch.float32,
+                     memory_format="channels_last" if case == "channels_last" else "contiguous")
+    spec["device"] = "cuda:0"
     check_against_reference(spec, run_on_ranks(world_size, rank_train_steps, spec))
 
 

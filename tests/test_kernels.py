@@ -209,3 +209,25 @@ def rank_double_backward(kernels: str) -> str:
 def test_double_backward_raises_a_clear_error_naming_the_layer(kernels: str) -> None:
     for message in run_on_ranks(2, rank_double_backward, kernels):
         assert "encoder.bn1" in message and "double backward" in message, message
+
+
+def rank_shift_differs() -> str:
+    import torch.distributed as dist
+
+    bn = syncnorm.SyncBatchNorm(3)
+    bn.layer_name = "head.bn"
+    x = torch.randn(4, 3) + 5
+    bn(x)  # the shift is now this step's global mean, on every rank
+    if dist.get_rank() == 1:
+        bn._syncnorm_shift.add_(1e-12)  # e.g. a layer rebuilt or reloaded on one rank only
+    try:
+        with syncnorm.validation():
+            bn(x)
+    except SyncNormError as error:
+        return str(error)
+    return "no error"
+
+
+def test_validation_mode_checks_the_common_shift() -> None:
+    for message in run_on_ranks(2, rank_shift_differs):
+        assert "head.bn" in message and "shift of the float64 merge" in message, message
