@@ -87,13 +87,19 @@ def _native_backward_reduce(dy: Tensor, x: Tensor, saved: Saved) -> tuple[Tensor
 
 
 def _backward_coefficients(saved: Saved, sum_dy: Tensor, sum_dy_xmu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``grad_x = scale * dy + k * (x - m32) + c`` with the global sums (about the float64 mean)."""
-    scale = saved.invstd if saved.weight is None else saved.invstd * saved.weight
-    per_value = scale / saved.num_values.to(scale.dtype)
-    k = -(per_value * saved.invstd * saved.invstd * sum_dy_xmu)
+    """``grad_x = scale * dy + k * (x - m32) + c`` with the global sums (about the float64 mean).
+
+    Folded in float64 and rounded once, so the per-channel sum of ``grad_x`` (zero in exact
+    arithmetic, and what a parameter before the layer gets as gradient) stays at rounding level.
+    """
+    invstd = saved.invstd.double()
+    scale = invstd if saved.weight is None else invstd * saved.weight
+    per_value = scale / saved.num_values
+    k = -(per_value * invstd * invstd * sum_dy_xmu)
     # (x - m) = (x - m32) - r: the residual of the rounded mean moves into the constant.
     c = torch.addcmul(-(per_value * sum_dy), k, saved.residual, value=-1)
-    return scale, k, c
+    dtype = saved.mean.dtype
+    return scale.to(dtype), k.to(dtype), c.to(dtype)
 
 
 def _native_backward_elemt(dy: Tensor, x: Tensor, saved: Saved, sum_dy: Tensor, sum_dy_xmu: Tensor) -> Tensor:

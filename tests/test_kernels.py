@@ -231,3 +231,92 @@ def rank_shift_differs() -> str:
 def test_validation_mode_checks_the_common_shift() -> None:
     for message in run_on_ranks(2, rank_shift_differs):
         assert "head.bn" in message and "shift of the float64 merge" in message, message
+
+
+def rank_random_case(case: dict[str, Any]) -> list[dict[str, Any]]:
+    bn = syncnorm.SyncBatchNorm(case["channels"], dtype=torch.float64 if case["dtype"] == torch.float64 else None,
+                                **case["layer_kwargs"])
+    if bn.weight is not None:
+        with torch.no_grad():
+            bn.weight.copy_(case["weight"])
+            bn.bias.copy_(case["bias"])
+    reports = []
+    with use_kernels(case["kernels"]):
+        for x, dy in case["steps"]:
+            xl = my_slice(x, case["sizes"])
+            if case["channels_last"]:
+                xl = xl.contiguous(memory_format=torch.channels_last)
+            xl.requires_grad_()
+            y = bn(xl)
+            (y * my_slice(dy, case["sizes"]).to(y.dtype)).sum().backward()
+            reports.append({"y": y.detach(), "grad_x": xl.grad,
+                            "running_mean": None if bn.running_mean is None else bn.running_mean.clone(),
+                            "running_var": None if bn.running_var is None else bn.running_var.clone()})
+    return reports
+
+
+def _random_case(seed: int, kernels: str) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options: list[Any]) -> Any:
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    world = pick([2, 3])
+    shape = pick([(4,), (3, 5), (2, 3, 4), (2, 2, 3, 2)])
+    dtype = pick([torch.float32, torch.float64, torch.float16, torch.bfloat16])
+    mean, std = pick([(0.0, 1.0), (5.0, 0.1), (-50.0, 0.1), (1e3, 1e-2), (1e4, 1.0)])
+    if dtype in (torch.float16, torch.bfloat16):
+        mean = max(min(mean, 50.0), -50.0)  # a representable mean; its spread is then below the input's ulp
+    sizes = [int(torch.randint(0, 5, (1,), generator=g)) for _ in range(world)]
+    sizes[0] = max(sizes[0], 2)  # a global count > 1
+    layer_kwargs = pick([{}, {"affine": False}, {"track_running_stats": False}, {"momentum": None},
+                         {"momentum": 0.5}])
+    channels = shape[0]
+    steps = []
+    for _ in range(2):
+        x = (mean + std * torch.randn(sum(sizes), *shape, generator=g, dtype=torch.float64)).to(dtype)
+        steps.append((x, torch.randn(x.shape, generator=g, dtype=torch.float64).to(dtype)))
+    return {"channels": channels, "dtype": dtype, "sizes": sizes, "layer_kwargs": layer_kwargs, "steps": steps,
+            "channels_last": len(shape) == 3 and bool(torch.randint(2, (1,), generator=g)), "kernels": kernels,
+            "weight": torch.rand(channels, generator=g) + 0.5, "bias": torch.randn(channels, generator=g),
+            "world": world}
+
+
+@BACKENDS
+@pytest.mark.parametrize("seed", range(6))
+def test_seeded_random_cases_are_within_twice_torchs_own_error(seed: int, kernels: str) -> None:
+    """Shapes, dtypes, layouts, uneven and empty ranks, layer options and mean/std drawn from a seed.
+
+    The second step (the first step of a fresh layer merges about zero) against the float64
+    reference, with at most twice the error of torch's own BatchNorm in the input dtype on the whole batch
+    (float64 input: torch's float64 BatchNorm IS the reference, so the bound is the README's 1e-9).
+    """
+    case = _random_case(seed, kernels)
+    reports = run_on_ranks(case["world"], rank_random_case, case)
+    x, dy = case["steps"][1]
+    r0 = reports[0][0]
+    state = None if r0["running_mean"] is None else (r0["running_mean"], r0["running_var"])
+    kwargs = dict(case["layer_kwargs"])
+    results = {}
+    for dtype in (torch.float64, case["dtype"]):
+        bn = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d, 5: torch.nn.BatchNorm3d}[
+            x.dim()](case["channels"], dtype=dtype, **kwargs)
+        with torch.no_grad():
+            if bn.weight is not None:
+                bn.weight.copy_(case["weight"])
+                bn.bias.copy_(case["bias"])
+            if state is not None and bn.running_mean is not None:
+                bn.running_mean.copy_(state[0])
+                bn.running_var.copy_(state[1])
+            if kwargs.get("momentum", 0.1) is None and bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.fill_(1)
+        xr = x.detach().to(dtype).clone().requires_grad_()
+        y = bn(xr)
+        (y * dy.to(dtype)).sum().backward()
+        results[dtype] = {"y": y.detach(), "grad_x": xr.grad, "running_var": bn.running_var}
+    expected, torch_own = results[torch.float64], results[case["dtype"]]
+    for key in ("y", "grad_x"):
+        ours = _error(torch.cat([r[1][key] for r in reports]), expected[key])
+        theirs = _error(torch_own[key], expected[key])
+        bound = 1e-9 if case["dtype"] == torch.float64 else 2 * theirs
+        assert ours <= bound, (case["dtype"], case["sizes"], case["layer_kwargs"], key, ours, theirs)
