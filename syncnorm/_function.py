@@ -2,7 +2,8 @@
 
 Reads like shared/DESIGN-NOTES.md section 1. Forward: local moments, ONE all-reduce of a
 (2C+1)-value float64 buffer, normalise with the global statistics. Backward: local gradient
-sums, ONE all-reduce of the 2C sums, then the input gradient with the global sums.
+sums, ONE all-reduce of the 2C sums, then the input gradient with the global sums. The
+per-element work is the backend's (``_backends``: ``native`` or ``fused``), chosen once per call.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from . import _comm, _kernels, _stats
+from . import _backends, _comm, _kernels, _stats
+from ._errors import SyncNormError
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -30,17 +32,22 @@ class SyncBatchNormFunction(torch.autograd.Function):
         momentum: float,
         group: _comm.ProcessGroup,
         layer: str,
+        shift: Optional[Tensor] = None,
     ) -> Tensor:
+        backend = _backends.choose(x)
         x = _kernels.keep_layout(x)
         stats_dtype = _stats.statistics_dtype(x)
         local_count = _stats.values_per_channel(x)
 
         # The output buffer first holds the deviations of the local moments, then the output: one
         # activation-sized allocation per forward, as in local BatchNorm (fresh pages are costly).
-        output = torch.empty_like(x) if not x.is_cuda and x.dtype == stats_dtype else None
-        packed = _stats.pack_moments(_stats.local_moments(x, scratch=output))
+        scratch = torch.empty_like(x) if x.dtype == stats_dtype and backend is _backends.NATIVE else None
+        local = backend.local_moments(x, scratch)
+        # ``shift`` is the same on every rank (the layer's previous global mean), so the sums about it merge.
+        common = None if shift is None else shift.to(device=x.device, dtype=torch.float64)
+        packed = _stats.pack_moments(local, common)
         _comm.all_reduce_sum(packed, group, layer, "batch statistics")
-        total = _stats.unpack_moments(packed)
+        total = _stats.unpack_moments(packed, common)
         # Only a rank with at most one local value can be part of a global count <= 1, so the
         # others skip the host sync. Every rank of such a batch takes the same branch: a global
         # count of 1 raises on all of them, and none is left waiting in a collective.
@@ -48,47 +55,85 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if local_count <= 1:
             global_batch_is_empty = _check_global_count(total, x, layer)
 
-        mean = total.mean.to(stats_dtype)
-        var = total.var.to(stats_dtype)
-        invstd = total.var.add(eps).rsqrt_().to(stats_dtype)
-        # An all-empty global batch leaves the running statistics as they were, as BatchNorm does.
-        if running_mean is not None and running_var is not None and not global_batch_is_empty:
-            _update_running_stats(running_mean, running_var, total, momentum)
+        invstd = total.var.add(eps).rsqrt_()
+        # An all-empty global batch leaves the running statistics (and the shift) as they were, as BatchNorm does.
+        if not global_batch_is_empty:
+            if running_mean is not None and running_var is not None:
+                _update_running_stats(running_mean, running_var, total, momentum)
+            if shift is not None:
+                shift.copy_(total.mean)
 
-        weight_s = None if weight is None else weight.to(stats_dtype)
-        bias_s = None if bias is None else bias.to(stats_dtype)
-        ctx.save_for_backward(x, weight_s, mean, var, invstd)
-        ctx.count = total.num_values
-        ctx.eps = eps
+        mean_s = total.mean.to(stats_dtype)
+        saved = _backends.Saved(
+            weight=None if weight is None else weight.to(stats_dtype),
+            mean=mean_s,
+            invstd=invstd.to(stats_dtype),
+            residual=(total.mean - mean_s).to(stats_dtype),
+            num_values=total.num_values,
+        )
+        ctx.save_for_backward(x, saved.weight, saved.mean, saved.invstd, saved.residual, saved.num_values)
+        ctx.backend = backend
         ctx.group = group
         ctx.layer = layer
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        return _kernels.normalize(x, weight_s, bias_s, mean, var, invstd, eps, out=output)
+        return backend.normalize(x, local, total.mean, invstd, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, weight, mean, var, invstd = ctx.saved_tensors
-        dy = _kernels.like_layout(grad_output, x)
-        input_needs_grad, weight_needs_grad, bias_needs_grad = ctx.needs_input_grad[:3]
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grads = _backward(ctx, grad_output)
+        if create_graph and grads[0] is not None:  # a second backward would need this one's: refuse it there
+            grads = (_NotTwiceDifferentiable.apply(grads[0], grad_output, ctx.layer), *grads[1:])
+        return grads
 
-        sums = _kernels.backward_reduce(
-            dy, x, mean, var, invstd, ctx.eps, weight, weight_needs_grad, bias_needs_grad
+
+def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
+    """The synchronised backward (one all-reduce of the 2C gradient sums)."""
+    x, weight, mean, invstd, residual, count = ctx.saved_tensors
+    saved = _backends.Saved(weight, mean, invstd, residual, count)
+    backend: _backends.Backend = ctx.backend
+    dy = _kernels.like_layout(grad_output, x)
+    input_needs_grad, weight_needs_grad, bias_needs_grad = ctx.needs_input_grad[:3]
+
+    if x.numel() == 0:
+        sum_dy, sum_dy_xmu = torch.zeros(2, mean.numel(), dtype=mean.dtype, device=mean.device)
+    else:
+        sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, saved)
+    # Taken about the float32 mean m32 by the kernels; about the float64 mean m: minus r * sum_dy.
+    sums = torch.cat([sum_dy, sum_dy_xmu]).view(2, -1)
+    sums[1].addcmul_(residual, sum_dy, value=-1)
+    grad_weight = None
+    if weight_needs_grad:  # this rank's share, before the all-reduce; zero without local values
+        grad_weight = sums[1] * invstd if x.numel() else torch.zeros_like(invstd)
+    grad_bias = sum_dy if bias_needs_grad else None
+    grad_x = None
+    # needs_input_grad is the same on every rank of an identical model, so either every
+    # rank takes this all-reduce or none does.
+    if input_needs_grad:
+        _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
+        grad_x = torch.empty_like(x) if x.numel() == 0 else backend.backward_elemt(dy, x, saved, sums[0], sums[1])
+
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    return (grad_x, _to(grad_weight, weight_dtype), _to(grad_bias, bias_dtype),
+            None, None, None, None, None, None, None)
+
+
+class _NotTwiceDifferentiable(torch.autograd.Function):
+    """Identity whose backward raises: the synchronised backward is not itself differentiable."""
+
+    @staticmethod
+    def forward(ctx: Any, grad: Tensor, grad_output: Tensor, layer: str) -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple[Optional[Tensor], ...]:
+        raise SyncNormError(
+            f"{ctx.layer}: double backward (a gradient of the input gradient, e.g. a gradient penalty taken "
+            "with create_graph=True) is not supported by syncnorm's synchronised BatchNorm; compute that term "
+            "with the layer in eval() mode, or without differentiating through this layer's backward."
         )
-        grad_x = None
-        # needs_input_grad is the same on every rank of an identical model, so either every
-        # rank takes this all-reduce or none does.
-        if input_needs_grad:
-            global_sums = torch.cat([sums.sum_dy, sums.sum_dy_xmu])
-            _comm.all_reduce_sum(global_sums, ctx.group, ctx.layer, "gradient sums")
-            sum_dy, sum_dy_xmu = global_sums.chunk(2)
-            grad_x = _kernels.backward_elemt(
-                dy, x, mean, var, invstd, ctx.eps, weight, sum_dy, sum_dy_xmu, ctx.count
-            )
-
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        grad_weight = _to(sums.grad_weight, weight_dtype) if weight_needs_grad else None
-        grad_bias = _to(sums.grad_bias, bias_dtype) if bias_needs_grad else None
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _to(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:

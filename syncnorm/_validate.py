@@ -11,7 +11,7 @@ and the ranks that differ, before any statistic is exchanged.
 Off by default and free when off (one boolean test a forward, no collective). On with the environment
 variable ``SYNCNORM_VALIDATE=1`` (read once, when syncnorm is imported) or, for a block of code, with
 ``syncnorm.validation()``. When on, every forward of a layer in a group of two or more ranks does one
-extra all-gather of 136 int64 values, IN EVAL MODE TOO (so a rank left in eval while the others train
+extra all-gather of 137 int64 values, IN EVAL MODE TOO (so a rank left in eval while the others train
 is reported, not left waiting), and every backward that all-reduces does one more.
 """
 
@@ -89,9 +89,9 @@ def validation(enabled: bool = True) -> Iterator[None]:
 
 
 # Field layout of a fingerprint. Compared one by one; each is what the ranks must agree on.
-_PHASE, _FEATURES, _TRAINING, _DTYPE, _DIM, _CHANNELS, _NEEDS_GRAD, _NAME_HASH = range(8)
+_PHASE, _FEATURES, _TRAINING, _DTYPE, _DIM, _CHANNELS, _NEEDS_GRAD, _NAME_HASH, _SHIFT_HASH = range(9)
 _NAME_BYTES = 128  # the name itself travels too, truncated, so every rank can print the others'
-_SIZE = 8 + _NAME_BYTES
+_SIZE = 9 + _NAME_BYTES
 _FIELDS = {
     _FEATURES: "num_features",
     _TRAINING: "training flag",
@@ -99,6 +99,7 @@ _FIELDS = {
     _DIM: "input rank (number of dimensions)",
     _CHANNELS: "input channels (dim 1)",
     _NEEDS_GRAD: "input needs a gradient",
+    _SHIFT_HASH: "shift of the float64 merge (the layer's previous global batch mean; a rank's layer was rebuilt?)",
 }
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 _PHASES = ("forward", "backward")
@@ -126,6 +127,7 @@ def check_forward(layer: _BatchNorm, input: Any, description: str) -> None:
         needs_grad=layer.training and is_tensor and input.requires_grad and torch.is_grad_enabled(),
         name=getattr(layer, "layer_name", None) or "",
         device=input.device if is_tensor else torch.device("cpu"),
+        shift=getattr(layer, "_syncnorm_shift", None) if layer.training else None,
     )
     _compare(fingerprint, group, description)
 
@@ -154,13 +156,16 @@ def check_backward(layer: _BatchNorm, output: Tensor, input: Tensor, description
 
 
 def _fingerprint(*, phase: int, features: int, training: bool, dtype: Any, dim: int, channels: int,
-                 needs_grad: bool, name: str, device: torch.device) -> Tensor:
+                 needs_grad: bool, name: str, device: torch.device, shift: Any = None) -> Tensor:
     """What this rank is about to do, as a fixed-size int64 tensor (the same size on every rank)."""
     encoded = name.encode("utf-8")
     # A stable hash (Python's hash() is salted per process) compares names of any length exactly.
     digest = int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little") >> 1
     head = [phase, features, int(training), _DTYPES.index(dtype) if dtype in _DTYPES else -1, dim, channels,
             int(needs_grad), digest]
+    # The merge's common shift must be bit-identical on every rank (validation mode only: a host copy).
+    shift_bytes = b"" if shift is None else shift.detach().cpu().numpy().tobytes()
+    head.append(int.from_bytes(hashlib.blake2b(shift_bytes, digest_size=8).digest(), "little") >> 1)
     shown = list(encoded[:_NAME_BYTES]) + [0] * (_NAME_BYTES - min(len(encoded), _NAME_BYTES))
     return torch.tensor(head + shown, dtype=torch.int64, device=device)
 
@@ -224,5 +229,5 @@ def _show(field: int, value: int) -> str:
 
 
 def _name(row: Tensor) -> str:
-    shown = bytes(b for b in row[8:].tolist() if b)
+    shown = bytes(b for b in row[9:].tolist() if b)
     return shown.decode("utf-8", errors="replace")

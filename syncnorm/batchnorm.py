@@ -138,7 +138,7 @@ class SyncBatchNorm(_BatchNorm):
 
         output = sync_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps,
-            group=group, layer=self._describe(),
+            group=group, layer=self._describe(), shift=common_shift(self, input) if group is not None else None,
         )
         if validating and group is not None:
             _validate.check_backward(self, output, input, self._describe())
@@ -226,6 +226,22 @@ def _inside_backward() -> bool:
     return current_graph_task_id is not None and current_graph_task_id() != -1
 
 
+def common_shift(layer: torch.nn.Module, input: Tensor) -> Tensor:
+    """The layer's shift for the float64 merge: its previous global batch mean, the same on every rank.
+
+    float64 (C,) on the input's device, zero until the layer's first training step; the synchronised
+    forward updates it in place. A plain attribute, not a buffer, so ``state_dict`` stays torch's.
+    """
+    shift: Optional[Tensor] = getattr(layer, "_syncnorm_shift", None)
+    if shift is None or shift.device != input.device or shift.numel() != input.shape[1]:
+        previous = None if shift is None or shift.numel() != input.shape[1] else shift
+        shift = torch.zeros(input.shape[1], dtype=torch.float64, device=input.device)
+        if previous is not None:
+            shift.copy_(previous)
+        layer._syncnorm_shift = shift
+    return shift
+
+
 def sync_batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -238,13 +254,15 @@ def sync_batch_norm(
     *,
     group: Optional[_comm.ProcessGroup] = None,
     layer: str = "syncnorm.sync_batch_norm",
+    shift: Optional[Tensor] = None,
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` over the batch of every rank of ``group``.
 
     The one place where a layer's batch normalisation chooses between the synchronised path and
     plain ``F.batch_norm``; ``SyncBatchNorm.forward`` and the subclasses ``convert_model`` generates
     both come through here. ``group`` is the resolved statistics group (``_comm.statistics_group``),
-    None for no synchronisation; ``momentum`` is the running-average factor of this step.
+    None for no synchronisation; ``momentum`` is the running-average factor of this step; ``shift``
+    (``common_shift(layer, input)``), the same on every rank, makes the float64 merge exact.
     """
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -252,7 +270,7 @@ def sync_batch_norm(
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     _refuse_forward_ad(layer, input, weight, bias)
     output: Tensor = SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, group, layer
+        input, weight, bias, running_mean, running_var, eps, momentum, group, layer, shift
     )
     return output
 

@@ -46,11 +46,13 @@ def update_bn_stats(
 
     i.e. what one process computes from the union of all the batches of all the ranks, not an
     average of per-batch variances (which misses the spread between batch means). Moments are
-    accumulated and merged in float64 with one all-reduce at the end; every rank gets the same
-    values. Only layers that track running statistics (any ``_BatchNorm``: torch's, syncnorm's,
-    converted subclasses) are updated; a layer that saw fewer than two values in all is left as it
-    was, with a warning. Training flags and ``num_batches_tracked`` are restored afterwards; if
-    anything fails, the running statistics are restored too.
+    accumulated in float64 about each rank's first batch mean and merged with two all-reduces at
+    the end (the global mean, then the squares about it), so float64 input keeps float64 accuracy
+    however large |mean| / std; every rank gets the same values. Only layers that track running
+    statistics (any ``_BatchNorm``: torch's, syncnorm's, converted subclasses) are updated; a
+    layer that saw fewer than two values in all is left as it was, with a warning. Training flags
+    and ``num_batches_tracked`` are restored afterwards; if anything fails, the running statistics
+    are restored too.
 
     All ranks must call it together. Ranks stop together at the first batch some rank does not
     have (one small all-reduce per batch decides), so loaders of unequal length never hang; if
@@ -119,13 +121,22 @@ def _clone(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _accumulator(sums: list[Optional[Tensor]], index: int) -> Any:
-    """A forward pre-hook adding the float64 ``[n, sum x, sum x^2]`` of a layer's input to ``sums[index]``."""
+    """A forward pre-hook adding the float64 ``[n, sum (x-c), sum (x-c)^2, c]`` of a layer's input to ``sums[index]``.
+
+    ``c`` is the mean of the first batch this rank saw: every later batch is summed about it, so a
+    large mean never cancels (float64 accuracy however large |mean| / std is).
+    """
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach()
-        packed = _stats.pack_moments(_stats.local_moments(x))
         previous = sums[index]
-        sums[index] = packed if previous is None else previous.add_(packed)
+        local = _stats.local_moments(x)
+        if previous is None:
+            shift = local.shift.double()
+            sums[index] = torch.cat([_stats.pack_moments(local, shift), shift])
+        else:
+            channels = local.shift.numel()
+            previous[: 1 + 2 * channels].add_(_stats.pack_moments(local, previous[1 + 2 * channels :]))
 
     return hook
 
@@ -187,17 +198,40 @@ def _set_population_statistics(
     layers: list[tuple[str, _BatchNorm]], sums: list[Optional[Tensor]], group: Optional[_comm.ProcessGroup],
     batches: int,
 ) -> None:
-    """Merge every rank's float64 moments with one all-reduce and write mean / unbiased variance."""
-    buffers = [
-        s if s is not None else torch.zeros(1 + 2 * m.num_features, dtype=torch.float64, device=_running(m)[0].device)
-        for s, (_, m) in zip(sums, layers)
-    ]
-    packed = torch.cat([b.to(buffers[0].device) for b in buffers])
+    """Merge every rank's float64 moments exactly and write mean / unbiased variance.
+
+    Two all-reduces: the counts and sums give the global mean ``m``; then every rank moves its sum of
+    squares from its own shift to ``m`` (small terms only) before the second one sums them.
+    """
+    device = _running(layers[0][1])[0].device
+    parts = []
+    for s, (_, m) in zip(sums, layers):
+        channels = m.num_features
+        parts.append(s.to(device) if s is not None else torch.zeros(1 + 3 * channels, dtype=torch.float64,
+                                                                    device=device))
+    firsts = []
+    for part in parts:
+        channels = (part.numel() - 1) // 3
+        n, sum_dev, shift = part[:1], part[1 : 1 + channels], part[1 + 2 * channels :]
+        firsts.append(torch.cat([n, sum_dev + shift * n]))
+    first = torch.cat(firsts)
     if group is not None:
-        _comm.all_reduce_sum(packed, group, _WHO, "population moments")
-    for (name, layer), part in zip(layers, packed.split([b.numel() for b in buffers])):
-        total = _stats.unpack_moments(part)
-        count = int(total.num_values.item())
+        _comm.all_reduce_sum(first, group, _WHO, "population counts and sums")
+    seconds, totals = [], []
+    for part, head in zip(parts, first.split([f.numel() for f in firsts])):
+        channels = (part.numel() - 1) // 3
+        n = part[0]
+        sum_dev, sum_sq, shift = part[1 : 1 + channels], part[1 + channels : 1 + 2 * channels], part[1 + 2 * channels :]
+        mean = head[1:] / head[0]
+        delta = shift - mean
+        # sum (x-m)^2 = sum (x-c)^2 + 2 (c-m) sum (x-c) + n (c-m)^2, every term small
+        seconds.append(sum_sq + 2 * delta * sum_dev + n * delta * delta)
+        totals.append((head[0], mean))
+    second = torch.cat(seconds)
+    if group is not None:
+        _comm.all_reduce_sum(second, group, _WHO, "population moments")
+    for (name, layer), (num_values, mean), m2 in zip(layers, totals, second.split([s.numel() for s in seconds])):
+        count = int(num_values.item())
         if count < 2:
             warnings.warn(
                 f"{_WHO}: BatchNorm layer '{name}' saw {count} value(s) per channel in {batches} batches on all ranks "
@@ -205,6 +239,7 @@ def _set_population_statistics(
                 stacklevel=3,
             )
             continue
+        total = _stats.GlobalMoments(num_values, mean, (m2 / num_values).clamp_(min=0))
         with torch.no_grad():
             running_mean, running_var = _running(layer)
             running_mean.copy_(total.mean)

@@ -12,6 +12,7 @@ Inside a rank, ``COLLECTIVES`` records every torch.distributed collective that P
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import io
 import multiprocessing as mp
@@ -19,8 +20,9 @@ import os
 import queue
 import socket
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -75,9 +77,12 @@ def _serialise(value: Any) -> bytes:
 
 
 def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:
+    import fused_cpu
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    # Every rank can run the fused backend on CPU tensors; a test picks it with use_kernels("fused").
+    fused_cpu.register()
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
         timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
@@ -176,6 +181,23 @@ def _close_pools() -> None:
     for pool in _POOLS.values():
         if not pool.broken:
             pool.close()
+
+
+@contextlib.contextmanager
+def use_kernels(kernels: Optional[str]) -> Iterator[None]:
+    """Run the block with ``SYNCNORM_KERNELS=kernels`` (None: as it is), restoring it afterwards."""
+    if kernels is None:
+        yield
+        return
+    previous = os.environ.get("SYNCNORM_KERNELS")
+    os.environ["SYNCNORM_KERNELS"] = kernels
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["SYNCNORM_KERNELS"]
+        else:
+            os.environ["SYNCNORM_KERNELS"] = previous
 
 
 def rank() -> int:

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import COLLECTIVES, my_slice, rank, run_on_ranks
+from distributed import COLLECTIVES, my_slice, rank, run_on_ranks, use_kernels
 from reference import assert_close, check_model_against_reference, reference_module, reference_step
 
 import syncnorm
@@ -39,8 +39,16 @@ def _is_channels_last(t: torch.Tensor) -> bool:
 
 def rank_train_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """On one rank: build the layer, run every step of ``spec`` on this rank's slice, report everything."""
+    with use_kernels(spec.get("kernels")):
+        reports = _train_steps(spec)
+    # Back to CPU tensors for the comparison in the test process (a no-op for CPU runs).
+    return [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in r.items()} for r in reports]
+
+
+def _train_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
     group = _subgroup(spec["group_size"]) if spec.get("group_size") else None
-    bn = syncnorm.SyncBatchNorm(spec["channels"], process_group=group, **spec["layer_kwargs"])
+    device = torch.device(spec.get("device", "cpu"))
+    bn = syncnorm.SyncBatchNorm(spec["channels"], process_group=group, device=device, **spec["layer_kwargs"])
     with torch.no_grad():
         if bn.weight is not None:
             bn.weight.copy_(spec["weight"])
@@ -51,12 +59,12 @@ def rank_train_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
     bn.train(spec.get("mode", "train") != "eval")
     reports = []
     for step in spec["steps"]:
-        x = _layout(my_slice(step["x"], step["sizes"]), spec.get("memory_format", "contiguous"))
+        x = _layout(my_slice(step["x"], step["sizes"]).to(device), spec.get("memory_format", "contiguous"))
         x.requires_grad_(spec.get("input_requires_grad", True))
         for p in bn.parameters():
             p.grad = None
         COLLECTIVES.reset()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.get("autocast", False)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("autocast", False)):
             if spec.get("no_grad"):
                 with torch.no_grad():
                     y = bn(x)
@@ -68,7 +76,7 @@ def rank_train_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
                                   "y_dtype": y.dtype, "forward_calls": forward_calls}
         dy = step.get("dy")
         if dy is not None and y.requires_grad:
-            upstream = _layout(my_slice(dy, step["sizes"]), spec.get("memory_format", "contiguous"))
+            upstream = _layout(my_slice(dy, step["sizes"]).to(device), spec.get("memory_format", "contiguous"))
             (y * upstream.to(y.dtype)).sum().backward()
             report["grad_x"] = None if x.grad is None else x.grad.clone()
             report["grad_x_channels_last"] = x.grad is not None and _is_channels_last(x.grad)
@@ -149,6 +157,10 @@ def check_against_reference(spec: dict[str, Any], reports: list[list[dict[str, A
                              f"step {i} summed {key}")
 
 
+# Every multi-rank case runs once per kernel backend; "fused" runs torch's fused SyncBatchNorm kernels
+# through the CPU stand-ins of tests/fused_cpu.py (registered in every rank).
+BACKENDS = pytest.mark.parametrize("kernels", ["native", "fused"])
+
 SHAPES = {
     "NC": (0, 5),
     "NCL": (0, 4, 7),
@@ -157,24 +169,44 @@ SHAPES = {
 }
 
 
+@BACKENDS
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4], ids=lambda w: f"W{w}")
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_matches_single_process_batchnorm(world_size: int, shape: tuple[int, ...]) -> None:
+def test_matches_single_process_batchnorm(world_size: int, shape: tuple[int, ...], kernels: str) -> None:
     sizes = [3 + r for r in range(world_size)]  # uneven on purpose
     spec = make_spec(shape, sizes, steps=2)
+    spec["kernels"] = kernels
     check_against_reference(spec, run_on_ranks(world_size, rank_train_steps, spec))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA tensors over Gloo, ranks sharing GPU 0)")
+@pytest.mark.parametrize("world_size", [2, 3, 4], ids=lambda w: f"W{w}")
+@pytest.mark.parametrize("case", ["NCHW", "channels_last", "bfloat16", "empty-rank"])
+def test_cuda_tensors_over_gloo_match_single_process_batchnorm(world_size: int, case: str) -> None:
+    # SYNCNORM_KERNELS unset: CUDA tensors run the fused backend, torch's real CUDA kernels.
+    sizes = [3 + r for r in range(world_size)]
+    if case == "empty-rank":
+        sizes[0] = 0
+    spec = make_spec((0, 3, 4, 5), sizes, steps=2, dtype=torch.bfloat16 if case == "bfloat16" else torch.float32,
+                     memory_format="channels_last" if case == "channels_last" else "contiguous")
+    spec["device"] = "cuda:0"
+    check_against_reference(spec, run_on_ranks(world_size, rank_train_steps, spec))
+
+
+@BACKENDS
 @pytest.mark.parametrize("sizes", [[4, 0], [0, 5, 2], [0, 0, 3, 1], [1, 1]],
                          ids=["empty-last", "empty-first", "two-empty", "one-each"])
-def test_uneven_and_empty_ranks(sizes: list[int]) -> None:
+def test_uneven_and_empty_ranks(sizes: list[int], kernels: str) -> None:
     spec = make_spec((0, 3, 4, 4), sizes, steps=2)
+    spec["kernels"] = kernels
     check_against_reference(spec, run_on_ranks(len(sizes), rank_train_steps, spec))
 
 
+@BACKENDS
 @pytest.mark.parametrize("shape", [(0, 3, 4, 5), (0, 2, 3, 4, 3)], ids=["channels_last", "channels_last_3d"])
-def test_channels_last_is_kept_in_output_and_gradient(shape: tuple[int, ...]) -> None:
+def test_channels_last_is_kept_in_output_and_gradient(shape: tuple[int, ...], kernels: str) -> None:
     spec = make_spec(shape, [3, 2], memory_format="channels_last")
+    spec["kernels"] = kernels
     reports = run_on_ranks(2, rank_train_steps, spec)
     check_against_reference(spec, reports)
     for per_rank in reports:
@@ -191,41 +223,54 @@ LAYER_OPTIONS = {
 }
 
 
+@BACKENDS
 @pytest.mark.parametrize("layer_kwargs", LAYER_OPTIONS.values(), ids=LAYER_OPTIONS.keys())
-def test_layer_options(layer_kwargs: dict[str, Any]) -> None:
+def test_layer_options(layer_kwargs: dict[str, Any], kernels: str) -> None:
     spec = make_spec((0, 3, 4), [3, 4], steps=3, layer_kwargs=dict(layer_kwargs))
+    spec["kernels"] = kernels
     check_against_reference(spec, run_on_ranks(2, rank_train_steps, spec))
 
 
+@BACKENDS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
-def test_low_and_high_precision_input_with_fp32_parameters(dtype: torch.dtype) -> None:
+def test_low_and_high_precision_input_with_fp32_parameters(dtype: torch.dtype, kernels: str) -> None:
     spec = make_spec((0, 4, 3, 3), [5, 3], steps=2, dtype=dtype)
+    spec["kernels"] = kernels
     check_against_reference(spec, run_on_ranks(2, rank_train_steps, spec))
 
 
-def test_under_autocast_bfloat16_input() -> None:
+@BACKENDS
+def test_under_autocast_bfloat16_input(kernels: str) -> None:
     spec = make_spec((0, 4, 3, 3), [5, 3], dtype=torch.bfloat16, autocast=True)
+    spec["kernels"] = kernels
     check_against_reference(spec, run_on_ranks(2, rank_train_steps, spec))
 
 
-def test_training_forward_under_no_grad_syncs_and_updates_running_stats_once() -> None:
+@BACKENDS
+def test_training_forward_under_no_grad_syncs_and_updates_running_stats_once(kernels: str) -> None:
     spec = make_spec((0, 3, 5), [4, 2], steps=2, no_grad=True)
+    spec["kernels"] = kernels
     reports = run_on_ranks(2, rank_train_steps, spec)
     check_against_reference(spec, reports)
     for per_rank in reports:
         assert [c[0] for c in per_rank[0]["forward_calls"]] == ["all_reduce"]
 
 
-def test_input_without_grad_and_frozen_parameters() -> None:
+@BACKENDS
+def test_input_without_grad_and_frozen_parameters(kernels: str) -> None:
     spec = make_spec((0, 3, 5), [4, 2], input_requires_grad=False)
+    spec["kernels"] = kernels
     check_against_reference(spec, run_on_ranks(2, rank_train_steps, spec))
     spec = make_spec((0, 3, 5), [4, 2], frozen=True)
+    spec["kernels"] = kernels
     check_against_reference(spec, run_on_ranks(2, rank_train_steps, spec))
 
 
+@BACKENDS
 @pytest.mark.parametrize("running_stats", [True, False], ids=["with-running-stats", "without-running-stats"])
-def test_eval_mode_is_local_and_silent(running_stats: bool) -> None:
+def test_eval_mode_is_local_and_silent(running_stats: bool, kernels: str) -> None:
     spec = make_spec((0, 3, 4), [4, 3], mode="eval", layer_kwargs={"track_running_stats": running_stats})
+    spec["kernels"] = kernels
     reports = run_on_ranks(2, rank_train_steps, spec)
     for r, per_rank in enumerate(reports):
         # Eval mode never communicates; without running stats each rank uses its own batch.
@@ -233,17 +278,21 @@ def test_eval_mode_is_local_and_silent(running_stats: bool) -> None:
         check_against_reference(spec, reports, ranks=[r])
 
 
-def test_process_group_subsets() -> None:
+@BACKENDS
+def test_process_group_subsets(kernels: str) -> None:
     spec = make_spec((0, 3, 4), [2, 3, 4, 1], steps=2, group_size=2)
+    spec["kernels"] = kernels
     reports = run_on_ranks(4, rank_train_steps, spec)
     check_against_reference(spec, reports, ranks=[0, 1])
     check_against_reference(spec, reports, ranks=[2, 3])
 
 
+@BACKENDS
 @pytest.mark.parametrize("world_size", [2, 3, 4], ids=lambda w: f"W{w}")
-def test_communication_budget(world_size: int) -> None:
+def test_communication_budget(world_size: int, kernels: str) -> None:
     channels = 6
     spec = make_spec((0, channels, 4), [3] * world_size, steps=2)
+    spec["kernels"] = kernels
     for per_rank in run_on_ranks(world_size, rank_train_steps, spec):
         for step in per_rank:
             # One all-reduce of 2C+1 float64 values forward, one of 2C float32 values backward:
@@ -252,32 +301,38 @@ def test_communication_budget(world_size: int) -> None:
             assert step["backward_calls"] == [("all_reduce", 2 * channels, 2 * channels * 4)]
 
 
-def rank_global_count_of_one(sizes: list[int]) -> dict[str, Any]:
+def rank_global_count_of_one(sizes: list[int], kernels: str) -> dict[str, Any]:
     bn = syncnorm.SyncBatchNorm(3)
     before = {k: v.clone() for k, v in bn.state_dict().items()}
     x = torch.randn(sizes[rank()], 3)
     try:
-        bn(x)
+        with use_kernels(kernels):
+            bn(x)
     except ValueError as error:
         return {"error": str(error), "unchanged": all(torch.equal(before[k], v) for k, v in bn.state_dict().items())}
     return {"error": None}
 
 
-def test_global_count_of_one_raises_on_every_rank() -> None:
-    for per_rank in run_on_ranks(3, rank_global_count_of_one, [0, 1, 0]):
+@BACKENDS
+def test_global_count_of_one_raises_on_every_rank(kernels: str) -> None:
+    for per_rank in run_on_ranks(3, rank_global_count_of_one, [0, 1, 0], kernels):
         assert per_rank["error"] is not None
         assert "Expected more than 1 value per channel when training" in per_rank["error"]
         assert per_rank["unchanged"]
 
 
-def test_global_batch_of_two_single_values_is_fine() -> None:
+@BACKENDS
+def test_global_batch_of_two_single_values_is_fine(kernels: str) -> None:
     # One value per channel on each of two ranks is a global batch of 2: no error.
     spec = make_spec((0, 3), [1, 1], steps=2)
+    spec["kernels"] = kernels
     check_against_reference(spec, run_on_ranks(2, rank_train_steps, spec))
 
 
-def test_all_empty_global_batch_leaves_running_stats() -> None:
+@BACKENDS
+def test_all_empty_global_batch_leaves_running_stats(kernels: str) -> None:
     spec = make_spec((0, 3, 4), [0, 0], steps=1)
+    spec["kernels"] = kernels
     check_against_reference(spec, run_on_ranks(2, rank_train_steps, spec))
 
 
@@ -345,7 +400,8 @@ def test_distributed_data_parallel_gradients_equal_single_process() -> None:
             assert_close(r["buffers"][name], b, torch.float32, name)
 
 
-def test_large_mean_small_spread_is_as_exact_as_float32_allows() -> None:
+@BACKENDS
+def test_large_mean_small_spread_is_as_exact_as_float32_allows(kernels: str) -> None:
     """mean 1e4, std 1e-2 float32 data against the float64 reference.
 
     Statistics: no worse than torch's own float32 BatchNorm on the whole batch (float32 sums of x and
@@ -360,7 +416,7 @@ def test_large_mean_small_spread_is_as_exact_as_float32_allows() -> None:
     dy = torch.randn(x.shape, generator=generator)
     weight = torch.rand(3, generator=generator) + 0.5
     spec = {"channels": 3, "steps": [{"x": x, "dy": dy, "sizes": sizes}], "weight": weight,
-            "bias": torch.randn(3, generator=generator), "layer_kwargs": {}}
+            "bias": torch.randn(3, generator=generator), "layer_kwargs": {}, "kernels": kernels}
     reports = run_on_ranks(3, rank_train_steps, spec)
     reference = reference_step(reference_module(4, 3, {}, spec["weight"], spec["bias"]), x, dy)
     torch_own = reference_step(torch.nn.BatchNorm2d(3), x, dy, torch.float32)  # float32, one process

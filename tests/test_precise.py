@@ -162,9 +162,10 @@ def test_two_ranks_pool_their_batches_and_agree_exactly(convert: bool) -> None:
     for key in reports[0]["buffers"]:
         assert torch.equal(reports[0]["buffers"][key], reports[1]["buffers"][key]), f"{key} differs between ranks"
     # Per batch: one all-reduce agreeing that every rank has it (+ one per layer if converted); one
-    # more finding the loaders exhausted; one for the moments of every layer together.
+    # more finding the loaders exhausted; two for the moments of every layer together (the global
+    # means, then the squares about them).
     per_batch = 1 + (len(layers) if convert else 0)
-    assert all(r["calls"] == ["all_reduce"] * (3 * per_batch + 2) for r in reports)
+    assert all(r["calls"] == ["all_reduce"] * (3 * per_batch + 3) for r in reports)
     assert "update_bn_stats" in reports[0]["stderr"] and reports[1]["stderr"] == ""
 
 
@@ -202,3 +203,14 @@ def test_two_ranks_recompute_resnet18_statistics() -> None:
         for r in reports:
             assert_close(r[f"{name}.running_mean"], mean, torch.float64, f"{name} running_mean")
             assert_close(r[f"{name}.running_var"], var, torch.float64, f"{name} running_var")
+
+
+def test_float64_population_statistics_are_exact_when_the_mean_dwarfs_the_spread() -> None:
+    """Defect 15.1 in update_bn_stats: one process, float64 batches at mean 1e6 / std 1."""
+    generator = torch.Generator().manual_seed(0)
+    data = [1e6 + torch.randn(16, 3, generator=generator, dtype=torch.float64) for _ in range(4)]
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3, dtype=torch.float64))
+    syncnorm.update_bn_stats(model, data, progress=False)
+    pooled = torch.cat(data)
+    torch.testing.assert_close(model[0].running_mean, pooled.mean(0), rtol=1e-15, atol=0)
+    torch.testing.assert_close(model[0].running_var, pooled.var(0), rtol=1e-10, atol=0)
