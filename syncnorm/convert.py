@@ -43,7 +43,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
 from . import _comm, _validate
-from .batchnorm import SyncBatchNorm, begin_forward, recomputing_forward, sync_batch_norm
+from .batchnorm import SyncBatchNorm, begin_forward, common_shift, recomputing_forward, sync_batch_norm
 
 Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 
@@ -51,7 +51,7 @@ Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Instance attributes a conversion may add; revert_model removes those the original lacked.
 _SYNC_ATTRS = ("process_group", "layer_name", "last_input_dim", "_syncnorm_original", "_syncnorm_kept",
-               "_syncnorm_replaced")
+               "_syncnorm_replaced", "_syncnorm_shift")
 _BY_INPUT_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
@@ -318,7 +318,9 @@ class _RouteBatchNorm(TorchFunctionMode):
             if arguments["training"] and self._owns(arguments):
                 if self.recomputing:  # this batch was counted in the first forward
                     arguments["running_mean"] = arguments["running_var"] = None
-                output = sync_batch_norm(**arguments, group=self.group, layer=self.description)
+                # The same common shift as SyncBatchNorm's: the float64 merge is exact from the second step.
+                shift = None if self.group is None else common_shift(self.layer, arguments["input"])
+                output = sync_batch_norm(**arguments, group=self.group, layer=self.description, shift=shift)
                 if self.validating and self.group is not None:
                     _validate.check_backward(self.layer, output, arguments["input"], self.description)
                 return output

@@ -80,12 +80,21 @@ def test_stand_ins_run_torchs_own_sync_batchnorm_function_exactly(shape: tuple[i
         torch.testing.assert_close(r["running_var"].double(), bn.running_var, **close)
 
 
+class _Subclass(torch.nn.BatchNorm1d):
+    """A BatchNorm subclass with its own forward: convert_model gives it a generated Sync_Subclass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 0.0
+
+
 def rank_steps(xs: list[torch.Tensor], dys: list[torch.Tensor], sizes: list[int], kernels: str,
-               layer_kwargs: dict[str, Any]) -> list[dict[str, Any]]:
-    """Training steps of one SyncBatchNorm (weight 1 + 0.1 c, bias 0.1 c) on this rank's slices."""
+               layer_kwargs: dict[str, Any], subclass: bool = False) -> list[dict[str, Any]]:
+    """Training steps of one SyncBatchNorm (weight 1 + 0.1 c, bias 0.1 c) on this rank's slices; with
+    ``subclass``, of a converted BatchNorm subclass instead."""
     channels = xs[0].shape[1]
-    bn = syncnorm.SyncBatchNorm(channels, dtype=torch.float64 if xs[0].dtype == torch.float64 else None,
-                                **layer_kwargs)
+    dtype = torch.float64 if xs[0].dtype == torch.float64 else None
+    bn = (syncnorm.convert_model(_Subclass(channels, dtype=dtype, **layer_kwargs)) if subclass
+          else syncnorm.SyncBatchNorm(channels, dtype=dtype, **layer_kwargs))
     with torch.no_grad():
         bn.weight.copy_(1 + 0.1 * torch.arange(channels))
         bn.bias.copy_(0.1 * torch.arange(channels))
@@ -120,16 +129,17 @@ def _reference(x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype, state: Any
 FLOAT64_CASES = {"mean1e4-std1e-2": (1e4, 1e-2), "mean1e6-std1": (1e6, 1.0), "mean100-std1e-3": (100.0, 1e-3)}
 
 
-@BACKENDS
+@pytest.mark.parametrize("kernels,subclass", [("native", False), ("fused", False), ("native", True)],
+                         ids=["native", "fused", "native-converted-subclass"])
 @pytest.mark.parametrize("mean,std", FLOAT64_CASES.values(), ids=FLOAT64_CASES.keys())
 def test_float64_is_exact_from_the_second_step_when_mean_dwarfs_spread(mean: float, std: float,
-                                                                         kernels: str) -> None:
-    """Defect 15.1: the merge about last step's global mean keeps float64 accuracy."""
+                                                                         kernels: str, subclass: bool) -> None:
+    """Defect 15.1: the merge about last step's global mean keeps float64 accuracy (converted subclasses too)."""
     generator = torch.Generator().manual_seed(1)
     sizes = [6, 10]
     xs = [mean + std * torch.randn(16, 3, 4, generator=generator, dtype=torch.float64) for _ in range(3)]
     dys = [torch.randn(16, 3, 4, generator=generator, dtype=torch.float64) for _ in range(3)]
-    reports = run_on_ranks(2, rank_steps, xs, dys, sizes, kernels, {"momentum": 0.5})
+    reports = run_on_ranks(2, rank_steps, xs, dys, sizes, kernels, {"momentum": 0.5}, subclass)
     for step in (1, 2):  # the first step of a fresh layer merges about zero (documented)
         r0 = reports[0][step - 1]
         bn, expected = _reference(xs[step], dys[step], torch.float64, (r0["running_mean"], r0["running_var"]),
