@@ -300,15 +300,18 @@ def launched_world_size() -> int:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with a one-line usage error, printed by the first rank of each node; every rank exits with 2."""
+    """argparse with a one-line usage error; every rank prints it and exits with 2.
+
+    Every rank, not only the first of a node: a launcher stops the other ranks as soon as one exits, so a
+    message left to one rank could be lost.
+    """
 
     def __init__(self, *args: Any, local_rank: Optional[int] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
 
     def error(self, message: str) -> NoReturn:
-        if self.local_rank == 0:  # not N copies of one message from the N ranks of a node
-            sys.stderr.write(f"{self.prog}: error: {message} (--help lists the options)\n")
+        sys.stderr.write(f"{self.prog}: error: {message} (--help lists the options)\n")
         sys.exit(2)
 
 
