@@ -71,7 +71,9 @@ def rank_count_ops(layout: str, kernels: str) -> dict[str, Any]:
 # (fused <= 8 / <= 6, native <= 24 / <= 12): the per-channel prologue and epilogue (packing about the
 # common shift, unpacking, running statistics, the residual corrections) are still ~35 small aten ops,
 # which fused Triton/custom-op epilogues would make 1-2.
-BUDGETS = {"native": (48, 23), "fused": (62, 10)}
+# native backward 24: the zero statistics of the eval-mode batch_norm kernel that replaced a broadcast addcmul
+# in grad_x (one more op, 2.8x faster on channels-first CPU input: _kernels.affine).
+BUDGETS = {"native": (48, 24), "fused": (62, 10)}
 
 
 @pytest.mark.parametrize("kernels", ["native", "fused"])
