@@ -113,7 +113,9 @@ class SyncBatchNorm(_BatchNorm):
             _validate.check_forward(self, input)
         self._check_input_dim(input)
         # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
-        self.last_input_dim = input.dim()
+        # (Not while compiling: dynamo rejects an attribute write inside a checkpointed region.)
+        if not _compiling():
+            self.last_input_dim = input.dim()
         group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
         return self._normalize(input, group, validating)
 
