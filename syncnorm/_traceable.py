@@ -56,7 +56,11 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         x = _kernels.keep_layout(x)
         stats_dtype = _stats.statistics_dtype(x)
-        packed = _stats.pack_moments(_stats.local_moments(x))
+        # As in the eager Function: the output buffer first holds the deviations, then the output. It also
+        # keeps the output from being a view (a channels-last result of _kernels.normalize is a view of a
+        # (values, C) matrix), which a following in-place op (timm's ReLU(inplace=True)) must not see.
+        output = torch.empty_like(x) if x.dtype == stats_dtype else None
+        packed = _stats.pack_moments(_stats.local_moments(x, scratch=output))
         total = _stats.unpack_moments(_all_reduce_sum(packed, group_name))
         if _stats.values_per_channel(x) <= 1:
             # A static fact of this rank's shape: the other ranks may have more values, so the check
@@ -71,7 +75,7 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
         invstd = total.var.add(eps).rsqrt().to(stats_dtype)
         weight_s = None if weight is None else weight.to(stats_dtype)
         bias_s = None if bias is None else bias.to(stats_dtype)
-        output = _kernels.normalize(x, weight_s, bias_s, mean, var, invstd, eps)
+        output = _kernels.normalize(x, weight_s, bias_s, mean, var, invstd, eps, out=output)
         ctx.save_for_backward(x, weight_s, mean, var, invstd, total.num_values)
         ctx.eps = eps
         ctx.group_name = group_name
