@@ -80,12 +80,13 @@ def build_variants(base: nn.Module, compile_too: bool, backend: str = "inductor"
     }
     if compile_only:
         plain = {name: plain[name] for name in ("local BatchNorm", "syncnorm")}
-    models = {name: DistributedDataParallel(make()) for name, make in plain.items()}
+    models: dict[str, nn.Module] = {name: DistributedDataParallel(make()) for name, make in plain.items()}
     if compile_too:
         local = DistributedDataParallel(copy.deepcopy(base))
-        models["local BatchNorm, compiled"] = torch.compile(local, backend=backend)
+        models["local BatchNorm, compiled"] = torch.compile(local, backend=backend)  # type: ignore[assignment]
         synced = syncnorm.convert_model(copy.deepcopy(base))
-        models["syncnorm, compiled"] = torch.compile(DistributedDataParallel(synced), backend=backend)
+        models["syncnorm, compiled"] = torch.compile(  # type: ignore[assignment]
+            DistributedDataParallel(synced), backend=backend)
     return models
 
 

@@ -35,7 +35,7 @@ def _all_reduce_sum(buffer: Tensor, group_name: Optional[str]) -> Tensor:
     from torch.distributed import _functional_collectives as funcol
 
     # wait_tensor makes the result an ordinary tensor in eager (funcol returns an AsyncCollectiveTensor).
-    return funcol.wait_tensor(funcol.all_reduce(buffer, "sum", group_name))
+    return funcol.wait_tensor(funcol.all_reduce(buffer, "sum", group_name))  # type: ignore[arg-type]
 
 
 class TraceableSyncBatchNormFunction(torch.autograd.Function):
@@ -95,9 +95,13 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
             sum_dy, sum_dy_xmu = global_sums.chunk(2)
             grad_x = _kernels.backward_elemt(dy, x, mean, var, invstd, ctx.eps, weight, sum_dy, sum_dy_xmu, count)
         weight_dtype, bias_dtype = ctx.param_dtypes
-        grad_weight = sums.grad_weight.to(weight_dtype) if weight_needs_grad and weight_dtype is not None else None
-        grad_bias = sums.grad_bias.to(bias_dtype) if bias_needs_grad and bias_dtype is not None else None
+        grad_weight = _to(sums.grad_weight, weight_dtype) if weight_needs_grad else None
+        grad_bias = _to(sums.grad_bias, bias_dtype) if bias_needs_grad else None
         return grad_x, grad_weight, grad_bias, None, None
+
+
+def _to(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    return None if t is None or dtype is None else t.to(dtype)
 
 
 def sync_batch_norm(

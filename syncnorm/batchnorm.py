@@ -131,7 +131,7 @@ class SyncBatchNorm(_BatchNorm):
             # Cumulative average: this batch's weight, once it is counted.
             factor: float | Tensor = 0.0
             if tracks and _compiling():  # the same value as a tensor: no host sync in the graph
-                factor = (self.num_batches_tracked + 1).double().reciprocal()  # type: ignore[operator]
+                factor = (self.num_batches_tracked + 1).double().reciprocal()  # type: ignore[operator, union-attr]
             elif tracks:
                 factor = 1.0 / float(self.num_batches_tracked + 1)  # type: ignore[operator]
         else:
@@ -212,7 +212,7 @@ def sync_batch_norm(
             input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group)
         )
     if group is None or not training:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
     output: Tensor = SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, eps, momentum, group, layer
     )
