@@ -262,11 +262,11 @@ def test_fullgraph_inductor_trains_like_eager_and_like_one_process() -> None:
 
 
 def _many_shapes_model() -> nn.Module:
-    """Ten syncnorm layers of ten shapes ((N, C), (N, C, L), (N, C, H, W)): more than dynamo's recompile limit."""
+    """Nine syncnorm layers of nine shapes: more than dynamo's recompile limit (8) if each shape recompiled."""
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     width = 4
-    for _ in range(10):
+    for _ in range(9):
         layers += [nn.Linear(width, width + 1), syncnorm.SyncBatchNorm(width + 1)]
         width += 1
     return nn.Sequential(*layers).double()
@@ -294,8 +294,8 @@ def test_one_compilation_for_many_differently_shaped_layers() -> None:
         assert report["unique_graphs"] == 1
         assert report["recompiles"] == {} and report["graph_breaks"] == {}
         (forward,), (backward,) = report["graphs"]["forward"], report["graphs"]["backward"]
-        assert [numel for numel, _ in forward] == [2 * c + 1 for c in range(5, 15)]
-        assert sorted(numel for numel, _ in backward) == [2 * c for c in range(5, 15)]
+        assert [numel for numel, _ in forward] == [2 * c + 1 for c in range(5, 14)]
+        assert sorted(numel for numel, _ in backward) == [2 * c for c in range(5, 14)]
 
 
 def test_import_syncnorm_does_not_import_dynamo() -> None:
