@@ -101,9 +101,9 @@ class SyncBatchNorm(_BatchNorm):
             )
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.training and _compiling() and _comm.distributed_ready():
-            # Under torch.compile a training forward that may communicate runs eagerly: dynamo breaks the
-            # graph once at this layer instead of tracing its collectives and recompiling them per shape.
+        if self.training and _compiling() and _comm.distributed_ready() and _validate.enabled():
+            # Validation's all-gathers are not traceable: in validation mode a training forward under
+            # torch.compile runs eagerly (one graph break here). Otherwise it is traced whole (_traceable).
             return _run_eagerly(self._forward, input)
         return self._forward(input)
 
@@ -113,7 +113,9 @@ class SyncBatchNorm(_BatchNorm):
             _validate.check_forward(self, input)
         self._check_input_dim(input)
         # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
-        self.last_input_dim = input.dim()
+        # (Not while compiling: dynamo rejects an attribute write inside a checkpointed region.)
+        if not _compiling():
+            self.last_input_dim = input.dim()
         group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
         return self._normalize(input, group, validating)
 
@@ -127,7 +129,11 @@ class SyncBatchNorm(_BatchNorm):
         )
         if self.momentum is None:
             # Cumulative average: this batch's weight, once it is counted.
-            factor = 1.0 / float(self.num_batches_tracked + 1) if tracks else 0.0  # type: ignore[operator]
+            factor: float | Tensor = 0.0
+            if tracks and _compiling():  # the same value as a tensor: no host sync in the graph
+                factor = (self.num_batches_tracked + 1).double().reciprocal()  # type: ignore[operator, union-attr]
+            elif tracks:
+                factor = 1.0 / float(self.num_batches_tracked + 1)  # type: ignore[operator]
         else:
             factor = self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -200,7 +206,7 @@ def sync_batch_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: float | Tensor = 0.1,
     eps: float = 1e-5,
     *,
     group: Optional[_comm.ProcessGroup] = None,
@@ -217,8 +223,14 @@ def sync_batch_norm(
     """
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if training and _compiling() and (group is not None or isinstance(momentum, Tensor)):
+        from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
+
+        return _traceable.sync_batch_norm(
+            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group)
+        )
     if group is None or not training:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
     output: Tensor = SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, eps, momentum, group, layer, shift
     )
