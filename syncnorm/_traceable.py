@@ -1,9 +1,11 @@
-"""Prototype: the synchronised training BatchNorm in a form torch.compile traces whole (fullgraph=True).
+"""The synchronised training BatchNorm in a form torch.compile traces whole (fullgraph=True).
 
 Used only while dynamo traces (``torch.compiler.is_compiling()``); eager code never comes here, so
-eager op counts and speed are those of ``_function.SyncBatchNormFunction``. The math is syncnorm's
-own (``_stats`` for the local moments and their float64 merge, ``_kernels`` for the per-element
-work); what differs is only what dynamo needs:
+eager op counts and speed are those of ``_function.SyncBatchNormFunction``. The math is the eager
+Function's own, shared with it: ``_function.forward_statistics`` (the backend's local moments, their
+float64 merge about the common shift), ``_function.saved_for_backward`` (the rounded mean and its
+residual) and ``_function.backward_gradients``, with the backend ``_backends.choose`` picks
+(``SYNCNORM_KERNELS``). What differs is only what dynamo needs:
 
 - the collective is ``torch.distributed._functional_collectives.all_reduce`` on a group referred to
   by its name (a ``str``): it traces as ``_c10d_functional.all_reduce`` + ``wait_tensor`` in the FX
@@ -11,9 +13,11 @@ work); what differs is only what dynamo needs:
 - no host synchronisation: the global-count check is a tensor assertion (``torch._assert_async``),
   emitted only where the *static* local shape has at most one value per channel (only such a rank
   can be part of a global batch of one value per channel), so ordinary layers carry no check;
-- the running statistics are updated by in-place ops on the buffers after the Function, outside
-  it (AOTAutograd functionalises them and writes the buffers back at the end of the graph); the
-  momentum may be a 0-dim tensor (``momentum=None``: ``1 / num_batches_tracked`` without ``.item()``).
+- no side effects inside the Function: it returns the global count, mean and variance as
+  non-differentiable outputs, and the running statistics and the common shift (the layer's new
+  global mean) are updated by in-place ops on their tensors after it (AOTAutograd functionalises
+  them and writes them back at the end of the graph); the momentum may be a 0-dim tensor
+  (``momentum=None``: ``1 / num_batches_tracked`` without ``.item()``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _kernels, _stats
+from . import _backends, _function, _kernels, _stats
 
 Momentum = Union[float, Tensor]
 
@@ -38,11 +42,22 @@ def _all_reduce_sum(buffer: Tensor, group_name: Optional[str]) -> Tensor:
     return funcol.wait_tensor(funcol.all_reduce(buffer, "sum", group_name))  # type: ignore[arg-type]
 
 
+def _missing_fused_ops(device: torch.device) -> tuple[str, ...]:
+    return _missing_fused_ops_on(device.type)
+
+
+@torch.compiler.assume_constant_result
+def _missing_fused_ops_on(device_type: str) -> tuple[str, ...]:
+    """``_backends.missing_fused_ops`` as a constant of the trace (dynamo cannot trace its dispatcher query)."""
+    return tuple(_backends.missing_fused_ops(torch.device(device_type)))
+
+
 class TraceableSyncBatchNormFunction(torch.autograd.Function):
     """Training-mode BatchNorm over the batch of every rank of the group ``group_name``.
 
     Returns the output and, as non-differentiable outputs, the global count (float64 scalar), mean
-    and biased variance (float64, (C,)) from which the caller updates the running statistics.
+    and biased variance (float64, (C,)) from which the caller updates the running statistics and
+    the common shift.
     """
 
     @staticmethod
@@ -51,17 +66,15 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
         x: Tensor,
         weight: Optional[Tensor],
         bias: Optional[Tensor],
+        shift: Optional[Tensor],
         eps: float,
         group_name: Optional[str],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        backend = _backends.choose(x, _missing_fused_ops)
         x = _kernels.keep_layout(x)
-        stats_dtype = _stats.statistics_dtype(x)
-        # As in the eager Function: the output buffer first holds the deviations, then the output. It also
-        # keeps the output from being a view (a channels-last result of _kernels.normalize is a view of a
-        # (values, C) matrix), which a following in-place op (timm's ReLU(inplace=True)) must not see.
-        output = torch.empty_like(x) if x.dtype == stats_dtype else None
-        packed = _stats.pack_moments(_stats.local_moments(x, scratch=output))
-        total = _stats.unpack_moments(_all_reduce_sum(packed, group_name))
+        local, total, invstd = _function.forward_statistics(
+            x, backend, shift, eps, lambda packed: _all_reduce_sum(packed, group_name)
+        )
         if _stats.values_per_channel(x) <= 1:
             # A static fact of this rank's shape: the other ranks may have more values, so the check
             # is on the global count, as a tensor (no .item(); every rank checks the same summed value).
@@ -70,14 +83,10 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
                 "Expected more than 1 value per channel when training, got 1 value per channel over the "
                 "whole process group (syncnorm, compiled). Use a larger global batch, or eval() mode.",
             )
-        mean = total.mean.to(stats_dtype)
-        var = total.var.to(stats_dtype)
-        invstd = total.var.add(eps).rsqrt().to(stats_dtype)
-        weight_s = None if weight is None else weight.to(stats_dtype)
-        bias_s = None if bias is None else bias.to(stats_dtype)
-        output = _kernels.normalize(x, weight_s, bias_s, mean, var, invstd, eps, out=output)
-        ctx.save_for_backward(x, weight_s, mean, var, invstd, total.num_values)
-        ctx.eps = eps
+        saved = _function.saved_for_backward(x, total, invstd, weight)
+        output = backend.normalize(x, local, total.mean, invstd, weight, bias)
+        ctx.save_for_backward(x, saved.weight, saved.mean, saved.invstd, saved.residual, saved.num_values)
+        ctx.backend = backend
         ctx.group_name = group_name
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(total.num_values, total.mean, total.var)
@@ -85,19 +94,13 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor, *_: Any) -> tuple[Optional[Tensor], ...]:
-        x, weight, mean, var, invstd, count = ctx.saved_tensors
-        dy = _kernels.like_layout(grad_output, x)
-        input_needs_grad, weight_needs_grad, bias_needs_grad = ctx.needs_input_grad[:3]
-        sums = _kernels.backward_reduce(dy, x, mean, var, invstd, ctx.eps, weight, weight_needs_grad, bias_needs_grad)
-        grad_x = None
-        if input_needs_grad:
-            global_sums = _all_reduce_sum(torch.cat([sums.sum_dy, sums.sum_dy_xmu]), ctx.group_name)
-            sum_dy, sum_dy_xmu = global_sums.chunk(2)
-            grad_x = _kernels.backward_elemt(dy, x, mean, var, invstd, ctx.eps, weight, sum_dy, sum_dy_xmu, count)
+        x, weight, mean, invstd, residual, count = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = _function.backward_gradients(
+            ctx.backend, x, _backends.Saved(weight, mean, invstd, residual, count), grad_output,
+            ctx.needs_input_grad[:3], lambda sums: _all_reduce_sum(sums, ctx.group_name),
+        )
         weight_dtype, bias_dtype = ctx.param_dtypes
-        grad_weight = _to(sums.grad_weight, weight_dtype) if weight_needs_grad else None
-        grad_bias = _to(sums.grad_bias, bias_dtype) if bias_needs_grad else None
-        return grad_x, grad_weight, grad_bias, None, None
+        return grad_x, _to(grad_weight, weight_dtype), _to(grad_bias, bias_dtype), None, None, None
 
 
 def _to(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
@@ -113,11 +116,21 @@ def sync_batch_norm(
     momentum: Momentum,
     eps: float,
     group_name: Optional[str],
+    shift: Optional[Tensor] = None,
 ) -> Tensor:
-    """Training-mode batch norm over the group ``group_name`` (None: this rank alone), traceable whole."""
-    output, count, mean, var = TraceableSyncBatchNormFunction.apply(input, weight, bias, eps, group_name)
+    """Training-mode batch norm over the group ``group_name`` (None: this rank alone), traceable whole.
+
+    ``shift`` (float64 (C,), the same on every rank) is the common shift of the float64 merge; it
+    becomes this step's global mean, as in the eager Function.
+    """
+    output, count, mean, var = TraceableSyncBatchNormFunction.apply(input, weight, bias, shift, eps, group_name)
+    local_count = _stats.values_per_channel(input)
     if running_mean is not None and running_var is not None:
-        _update_running_stats(running_mean, running_var, count, mean, var, momentum, _stats.values_per_channel(input))
+        _update_running_stats(running_mean, running_var, count, mean, var, momentum, local_count)
+    if shift is not None:
+        with torch.no_grad():
+            # Only a rank with no values can see an all-empty global batch; that leaves the shift as it was.
+            shift.copy_(torch.where(count == 0, shift, mean) if local_count == 0 else mean)
     return output
 
 

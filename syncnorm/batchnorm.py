@@ -73,6 +73,14 @@ class SyncBatchNorm(_BatchNorm):
         # Qualified name in the model, for error messages; convert_model sets it.
         self.layer_name: Optional[str] = None
         self.last_input_dim: Optional[int] = None
+        place_shift(self)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SyncBatchNorm:
+        # .to(device) / .cuda() move the shift too, so a compiled forward finds it in place (dynamo cannot
+        # create it inside a checkpointed region); its dtype stays float64 whatever fn does to buffers.
+        module = super()._apply(fn, recurse)
+        place_shift(self)
+        return module
 
     def _describe(self) -> str:
         name = f" '{self.layer_name}'" if self.layer_name else ""
@@ -183,6 +191,22 @@ def _inside_backward() -> bool:
     return current_graph_task_id is not None and current_graph_task_id() != -1
 
 
+def place_shift(layer: torch.nn.Module) -> None:
+    """Give ``layer`` its common shift (zeros) on the device of its buffers or parameters, keeping its value.
+
+    Done when a layer is built, converted or moved, so that ``common_shift`` under torch.compile finds
+    it in place: an attribute write is a side effect dynamo refuses inside activation checkpointing.
+    """
+    reference = next((t for t in (layer.running_mean, layer.weight) if isinstance(t, Tensor)), None)
+    device = torch.device("cpu") if reference is None else reference.device
+    shift: Optional[Tensor] = getattr(layer, "_syncnorm_shift", None)
+    num_features = int(layer.num_features)  # type: ignore[arg-type]
+    if shift is None or shift.numel() != num_features:
+        layer._syncnorm_shift = torch.zeros(num_features, dtype=torch.float64, device=device)
+    elif shift.device != device:
+        layer._syncnorm_shift = shift.to(device)
+
+
 def common_shift(layer: torch.nn.Module, input: Tensor) -> Tensor:
     """The layer's shift for the float64 merge: its previous global batch mean, the same on every rank.
 
@@ -227,7 +251,7 @@ def sync_batch_norm(
         from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
 
         return _traceable.sync_batch_norm(
-            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group)
+            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group), shift
         )
     if group is None or not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
 from . import _comm
-from .batchnorm import SyncBatchNorm, sync_batch_norm
+from .batchnorm import SyncBatchNorm, place_shift, sync_batch_norm
 
 Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 
@@ -173,6 +173,7 @@ def _convert_layer(layer: _BatchNorm, process_group: Optional[_comm.ProcessGroup
         state["_syncnorm_original"] = original
         state.setdefault("last_input_dim", None)
         layer.__class__ = SyncBatchNorm
+        place_shift(layer)
     else:
         layer.__class__ = _synchronised_class(original)
 
