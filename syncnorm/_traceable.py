@@ -14,10 +14,10 @@ residual) and ``_function.backward_gradients``, with the backend ``_backends.cho
   emitted only where the *static* local shape has at most one value per channel (only such a rank
   can be part of a global batch of one value per channel), so ordinary layers carry no check;
 - no side effects inside the Function: it returns the global count, mean and variance as
-  non-differentiable outputs, and the running statistics and the common shift (the layer's new
-  global mean) are updated by in-place ops on their tensors after it (AOTAutograd functionalises
-  them and writes them back at the end of the graph); the momentum may be a 0-dim tensor
-  (``momentum=None``: ``1 / num_batches_tracked`` without ``.item()``).
+  non-differentiable outputs, and the running statistics are updated by in-place ops on the
+  buffers after it (AOTAutograd functionalises them and writes them back at the end of the graph);
+  the momentum may be a 0-dim tensor (``momentum=None``: ``1 / num_batches_tracked`` without ``.item()``);
+- the common shift is read, not updated (``sync_batch_norm`` says why).
 """
 
 from __future__ import annotations
@@ -120,17 +120,18 @@ def sync_batch_norm(
 ) -> Tensor:
     """Training-mode batch norm over the group ``group_name`` (None: this rank alone), traceable whole.
 
-    ``shift`` (float64 (C,), the same on every rank) is the common shift of the float64 merge; it
-    becomes this step's global mean, as in the eager Function.
+    ``shift`` (float64 (C,), the same on every rank) is the common shift of the float64 merge. Unlike
+    the eager Function, this path only reads it and never writes this step's global mean into it: a
+    graph input that is overwritten in place must not be needed by the compiled backward, and it is,
+    by a checkpointed layer's recomputed forward (AOTAutograd then refuses the backward: "modified by
+    an inplace operation"); with inductor, the compiled backward gave wrong input gradients
+    (observed on torch 2.14 with tests/test_compile.py when the shift was updated in place here).
+    So a compiled layer merges about the shift its eager training steps left (zero for a fresh layer).
     """
     output, count, mean, var = TraceableSyncBatchNormFunction.apply(input, weight, bias, shift, eps, group_name)
     local_count = _stats.values_per_channel(input)
     if running_mean is not None and running_var is not None:
         _update_running_stats(running_mean, running_var, count, mean, var, momentum, local_count)
-    if shift is not None:
-        with torch.no_grad():
-            # Only a rank with no values can see an all-empty global batch; that leaves the shift as it was.
-            shift.copy_(torch.where(count == 0, shift, mean) if local_count == 0 else mean)
     return output
 
 
