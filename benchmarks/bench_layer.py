@@ -13,8 +13,12 @@ of the rank's threads (robust to other load on the machine).
 It also prints the communication model: collectives and bytes per layer and step for syncnorm
 and for torch.nn.SyncBatchNorm, up to W = 1024 ranks (formulas in the table header).
 
+The last row of each table is the overhead: syncnorm minus local BatchNorm minus the two bare
+all-reduces, in ms, same run (what syncnorm's own host and kernel work costs).
+
 Run:
     PYTHONPATH=. python benchmarks/bench_layer.py --world-sizes 2 4 --steps 30 --overlap
+    PYTHONPATH=. python benchmarks/bench_layer.py --quick   # a smoke run (seconds; numbers meaningless)
 
 Timing is never asserted anywhere; this only prints.
 """
@@ -42,7 +46,11 @@ SHAPES: dict[str, tuple[tuple[int, ...], bool]] = {
     "(32,64,28,28) CL": ((32, 64, 28, 28), True),
     "(8,256,14,14)": ((8, 256, 14, 14), False),
     "(256,512)": ((256, 512), False),
+    # Where per-call cost dominates (issue 11): small (N,C) features and a late 4-D layer.
+    "(4,512)": ((4, 512), False),
+    "(32,256,7,7)": ((32, 256, 7, 7), False),
 }
+OVERHEAD = "overhead: syncnorm - local BN - 2 bare all-reduces (ms)"
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -239,6 +247,12 @@ def print_layer_table(world: int, rows: dict[str, dict[str, tuple[float, float]]
             cells = [f"{rows[s][name][column]:.2f} ({rows[s][name][column] / rows[s][baseline][column]:.2f}x)"
                      for s in rows]
             print(f"| {name} | " + " | ".join(cells) + " |")
+        # What syncnorm costs beyond the local arithmetic and the communication floor, same run.
+        floor = "2 bare all-reduces (comm floor)"
+        if "syncnorm" in variants and floor in variants:
+            cells = [f"{rows[s]['syncnorm'][column] - rows[s][baseline][column] - rows[s][floor][column]:.2f}"
+                     for s in rows]
+            print(f"| {OVERHEAD} | " + " | ".join(cells) + " |")
 
 
 def communication_rows(channels: int, world: int) -> tuple[int, int, float, float]:
@@ -280,11 +294,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before giving up on the ranks")
     parser.add_argument("--overlap", action="store_true", help="also time the overlap prototypes of overlap.py")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: W=2, the small shapes, 2 warm-up + 3 timed steps (numbers meaningless)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.quick:
+        args.world_sizes, args.shapes, args.warmup, args.steps = [2], ["(4,512)", "(256,512)"], 2, 3
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, load average before "
           f"{os.getloadavg()[0]:.1f}; shapes are per rank; "
           f"{args.warmup} warm-up + {args.steps} timed steps, variants interleaved")

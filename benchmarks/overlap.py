@@ -18,32 +18,45 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from syncnorm import _kernels, _stats
+from syncnorm import _backends, _kernels, _stats
+
+_NATIVE = _backends.NATIVE
 
 
 def _finish_forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     running_mean: Tensor, running_var: Tensor, eps: float, momentum: float,
-                    total: _stats.GlobalMoments, output: Optional[Tensor] = None) -> Tensor:
+                    total: _stats.GlobalMoments, local: _stats.LocalMoments) -> Tensor:
     dtype = _stats.statistics_dtype(x)
-    mean, var = total.mean.to(dtype), total.var.to(dtype)
-    invstd = total.var.add(eps).rsqrt_().to(dtype)
+    invstd = total.var.add(eps).rsqrt_()
     with torch.no_grad():
         running_mean.copy_(running_mean.double().lerp_(total.mean, momentum))
         running_var.copy_(running_var.double().lerp_(_stats.unbiased_var(total), momentum))
-    ctx.save_for_backward(x, weight, mean, var, invstd)
-    ctx.count, ctx.eps = total.num_values, eps
-    return _kernels.normalize(x, weight, bias, mean, var, invstd, eps, out=output)
+    mean = total.mean.to(dtype)
+    ctx.save_for_backward(x, None if weight is None else weight.to(dtype), mean, invstd.to(dtype),
+                          (total.mean - mean).to(dtype), total.num_values)
+    return _NATIVE.normalize(x, local, total.mean, invstd, weight, bias)
+
+
+def _saved(ctx: Any) -> tuple[Tensor, _backends.Saved]:
+    x, weight, mean, invstd, residual, count = ctx.saved_tensors
+    return x, _backends.Saved(weight, mean, invstd, residual, count)
+
+
+def _sums(dy: Tensor, x: Tensor, saved: _backends.Saved) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradient-sum buffer (about the float64 mean), and this rank's weight and bias gradients."""
+    sum_dy, sum_dy_xmu = _NATIVE.backward_reduce(dy, x, saved)
+    buf = torch.cat([sum_dy, sum_dy_xmu]).view(2, -1)
+    buf[1].addcmul_(saved.residual, sum_dy, value=-1)
+    return buf, buf[1] * saved.invstd, sum_dy
 
 
 def _sync_backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
-    x, weight, mean, var, invstd = ctx.saved_tensors
+    x, saved = _saved(ctx)
     dy = _kernels.like_layout(dy, x)
-    sums = _kernels.backward_reduce(dy, x, mean, var, invstd, ctx.eps, weight, True, True)
-    buf = torch.cat([sums.sum_dy, sums.sum_dy_xmu])
+    buf, grad_weight, grad_bias = _sums(dy, x, saved)
     dist.all_reduce(buf)
-    sum_dy, sum_dy_xmu = buf.chunk(2)
-    grad_x = _kernels.backward_elemt(dy, x, mean, var, invstd, ctx.eps, weight, sum_dy, sum_dy_xmu, ctx.count)
-    return grad_x, sums.grad_weight, sums.grad_bias, None, None, None, None, None
+    grad_x = _NATIVE.backward_elemt(dy, x, saved, buf[0], buf[1])
+    return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 class AsyncBackward(torch.autograd.Function):
@@ -54,41 +67,44 @@ class AsyncBackward(torch.autograd.Function):
                 running_var: Tensor, eps: float, momentum: float, groups: int) -> Tensor:
         x = _kernels.keep_layout(x)
         output = torch.empty_like(x)  # holds the deviations, then the output, as in syncnorm
-        packed = _stats.pack_moments(_stats.local_moments(x, scratch=output))
+        local = _stats.local_moments(x, scratch=output)
+        packed = _stats.pack_moments(local)
         dist.all_reduce(packed)
         return _finish_forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum,
-                               _stats.unpack_moments(packed), output)
+                               _stats.unpack_moments(packed), local)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
-        x, weight, mean, var, invstd = ctx.saved_tensors
+        x, saved = _saved(ctx)
         dy = _kernels.like_layout(grad_output, x)
-        sums = _kernels.backward_reduce(dy, x, mean, var, invstd, ctx.eps, weight, True, True)
-        buf = torch.cat([sums.sum_dy, sums.sum_dy_xmu])
+        buf, grad_weight, grad_bias = _sums(dy, x, saved)
         work = dist.all_reduce(buf, async_op=True)
-        scale = weight * invstd
-        view = (1, -1, *([1] * (x.dim() - 2)))
-        grad_x = dy * scale.view(view)  # needs no global sum: overlaps the all-reduce
+        scale = saved.invstd if saved.weight is None else saved.weight * saved.invstd
+        grad_x = dy * _kernels.per_channel(scale, x)  # needs no global sum: overlaps the all-reduce
         work.wait()
-        sum_dy, sum_dy_xmu = buf.double().chunk(2)
-        count = ctx.count.double()
-        k = -scale.double() * invstd.double() * (sum_dy_xmu / count)
-        c = -scale.double() * (sum_dy / count)
-        grad_x.add_(torch.batch_norm(x, k.to(mean.dtype), c.to(mean.dtype), mean, var, False, 0.0, ctx.eps, False))
-        return grad_x, sums.grad_weight, sums.grad_bias, None, None, None, None, None
+        _, k, c = _backends._backward_coefficients(saved, buf[0], buf[1])
+        rest = torch.sub(x, _kernels.per_channel(saved.mean, x))
+        torch.addcmul(_kernels.per_channel(c, x), rest, _kernels.per_channel(k, x), out=rest)
+        return grad_x.add_(rest), grad_weight, grad_bias, None, None, None, None, None
 
 
 class PipelinedForward(torch.autograd.Function):
-    """syncnorm whose forward all-reduces channel groups as soon as their statistics are ready."""
+    """syncnorm whose forward all-reduces channel groups as soon as their statistics are ready.
+
+    The per-group deviations are not kept (slices of the output buffer are not dense), so the
+    normalisation takes one more pass over the activation than syncnorm's.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor,  # type: ignore[override]
                 running_var: Tensor, eps: float, momentum: float, groups: int) -> Tensor:
         x = _kernels.keep_layout(x)
         bounds = torch.linspace(0, x.shape[1], groups + 1).long().tolist()
-        packs, works = [], []
+        packs, works, shifts = [], [], []
         for lo, hi in zip(bounds[:-1], bounds[1:]):
-            packed = _stats.pack_moments(_stats.local_moments(x[:, lo:hi]))
+            local = _stats.local_moments(x[:, lo:hi])
+            shifts.append(local.shift)
+            packed = _stats.pack_moments(local)
             works.append(dist.all_reduce(packed, async_op=True))
             packs.append(packed)
         for work in works:
@@ -96,8 +112,11 @@ class PipelinedForward(torch.autograd.Function):
         sizes = [hi - lo for lo, hi in zip(bounds[:-1], bounds[1:])]
         merged = torch.cat([packs[0][:1]] + [p[1:1 + n] for p, n in zip(packs, sizes)]
                            + [p[1 + n:] for p, n in zip(packs, sizes)])
+        shift = torch.cat(shifts)
+        deviations = torch.sub(x.to(shift.dtype), _kernels.per_channel(shift, x))
+        local = _stats.LocalMoments(_stats.values_per_channel(x), shift, shift, shift, deviations)
         return _finish_forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum,
-                               _stats.unpack_moments(merged))
+                               _stats.unpack_moments(merged), local)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
