@@ -43,7 +43,9 @@ Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 # The classes whose forward is plain BatchNorm: they become syncnorm.SyncBatchNorm itself.
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Instance attributes a conversion may add; revert_model removes those the original lacked.
-_SYNC_ATTRS = ("process_group", "layer_name", "last_input_dim", "_syncnorm_original", "_syncnorm_kept")
+_SYNC_ATTRS = (
+    "process_group", "layer_name", "last_input_dim", "_syncnorm_original", "_syncnorm_kept", "_syncnorm_shift"
+)
 _BY_INPUT_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
