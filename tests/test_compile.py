@@ -172,6 +172,8 @@ def _fullgraph_and_eager(kind: str, backend: str, x: torch.Tensor, dy: torch.Ten
         "unique_graphs": counters["stats"]["unique_graphs"],
         "group_name": torch.distributed.group.WORLD.group_name,
         "classes": sorted({type(m).__name__ for m in compiled_module.modules()}),
+        "shifts": [[m._syncnorm_shift.clone() for m in module.modules() if isinstance(m, syncnorm.SyncBatchNorm)]
+                   for module in (compiled_module, eager_module)],
     }
     torch._dynamo.reset()
     return report
@@ -260,6 +262,10 @@ def test_fullgraph_trains_like_eager_and_like_one_process() -> None:
         assert {"SyncBatchNormAct", "SyncBatchNormAct2d", "SyncBatchNorm"} <= set(report["classes"])
         assert report["unique_graphs"] == 2  # train and eval: no graph break, no other recompile
         _check_graph_collectives(report, [c for _, c in MIXED_LAYERS], recomputed=1)
+        # The compiled layers read the common shift but leave it (README: torch.compile); eager ones update it.
+        compiled_shifts, eager_shifts = report["shifts"]
+        assert compiled_shifts and all(not shift.any() for shift in compiled_shifts)
+        assert all(shift.all() for shift in eager_shifts)
 
 
 def test_fullgraph_inductor_trains_like_eager_and_like_one_process() -> None:
