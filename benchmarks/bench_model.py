@@ -5,7 +5,11 @@ Variants (same initial weights, timed interleaved step by step so background loa
 - syncnorm on the default (world) group;
 - syncnorm on a dedicated statistics group (same ranks, a second communicator), so the
   BatchNorm all-reduces do not queue behind DDP's gradient buckets;
-- optionally (``--compile``) the local and syncnorm models under ``torch.compile``.
+- optionally (``--compile``) the local and syncnorm models under ``torch.compile`` (``--backend``,
+  inductor by default): the syncnorm layers trace whole there, their all-reduces inside the graph,
+  and DDP's DDPOptimizer splits the graph at gradient buckets. ``--compile-only`` keeps just the
+  three rows the torch.compile comparison needs (compiled local BatchNorm, compiled syncnorm, eager
+  syncnorm) plus the eager local baseline.
 
 A step is forward + cross-entropy + backward (DDP all-reduces gradients) + SGD step. The table
 shows the slowest rank's median step time (wall, and CPU time of all the rank's threads, which
@@ -13,6 +17,7 @@ leaves out waiting and so is robust to other load) and its ratio to local BatchN
 
 Run:
     PYTHONPATH=. python benchmarks/bench_model.py --world-size 2 --steps 20
+    PYTHONPATH=. python benchmarks/bench_model.py --compile --compile-only --steps 20   # torch.compile rows
 
 Timing is never asserted anywhere; this only prints.
 """
@@ -63,7 +68,8 @@ def small_resnet(num_classes: int = 10, width: int = 32) -> nn.Module:
     )
 
 
-def build_variants(base: nn.Module, compile_too: bool) -> dict[str, nn.Module]:
+def build_variants(base: nn.Module, compile_too: bool, backend: str = "inductor",
+                   compile_only: bool = False) -> dict[str, nn.Module]:
     """Every variant as a DDP model with the same initial weights as ``base``."""
     dedicated = dist.new_group(list(range(dist.get_world_size())))  # created once, same ranks
     plain: dict[str, Callable[[], nn.Module]] = {
@@ -72,11 +78,15 @@ def build_variants(base: nn.Module, compile_too: bool) -> dict[str, nn.Module]:
         "syncnorm": lambda: syncnorm.convert_model(copy.deepcopy(base)),
         "syncnorm, dedicated stats group": lambda: syncnorm.convert_model(copy.deepcopy(base), dedicated),
     }
-    models = {name: DistributedDataParallel(make()) for name, make in plain.items()}
+    if compile_only:
+        plain = {name: plain[name] for name in ("local BatchNorm", "syncnorm")}
+    models: dict[str, nn.Module] = {name: DistributedDataParallel(make()) for name, make in plain.items()}
     if compile_too:
-        models["local BatchNorm, compiled"] = torch.compile(DistributedDataParallel(copy.deepcopy(base)))
+        local = DistributedDataParallel(copy.deepcopy(base))
+        models["local BatchNorm, compiled"] = torch.compile(local, backend=backend)  # type: ignore[assignment]
         synced = syncnorm.convert_model(copy.deepcopy(base))
-        models["syncnorm, compiled"] = torch.compile(DistributedDataParallel(synced))
+        models["syncnorm, compiled"] = torch.compile(  # type: ignore[assignment]
+            DistributedDataParallel(synced), backend=backend)
     return models
 
 
@@ -98,7 +108,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: 
     join_gloo_world(rank, world, port, timeout_s=300)
     torch.manual_seed(0)
     base = small_resnet(width=args.width)
-    models = build_variants(base, args.compile)
+    models = build_variants(base, args.compile, args.backend, args.compile_only)
     torch.manual_seed(1 + rank)
     x = torch.randn(args.batch, 3, args.size, args.size)
     target = torch.randint(0, 10, (args.batch,))
@@ -126,6 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models (slow to build)")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="with --compile: only local BatchNorm, syncnorm and their compiled rows")
     parser.add_argument("--timeout", type=float, default=1200.0)
     args = parser.parse_args(argv)
 
@@ -152,6 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     base_wall, base_cpu = rows["local BatchNorm"]
     for name, (ms, cpu_ms) in rows.items():
         print(f"| {name} | {ms:.1f} | {ms / base_wall:.2f}x | {cpu_ms:.1f} | {cpu_ms / base_cpu:.2f}x |")
+    if args.compile:
+        compiled_cpu = rows["syncnorm, compiled"][1]
+        print(f"CPU time (backend {args.backend}): compiled syncnorm / compiled local BatchNorm = "
+              f"{compiled_cpu / rows['local BatchNorm, compiled'][1]:.2f}x; compiled syncnorm / eager syncnorm = "
+              f"{compiled_cpu / rows['syncnorm'][1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ gets ``sum_dy - r * invstd^2 * sum_dy_xmu``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -181,14 +182,17 @@ def missing_fused_ops(device: torch.device) -> list[str]:
     return [op for op in FUSED_OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key)]
 
 
-def choose(x: Tensor) -> Backend:
-    """The backend for a training step on ``x``: ``SYNCNORM_KERNELS``, else fused for CUDA tensors, else native."""
+def choose(x: Tensor, missing_ops: Callable[[torch.device], Sequence[str]] = missing_fused_ops) -> Backend:
+    """The backend for a training step on ``x``: ``SYNCNORM_KERNELS``, else fused for CUDA tensors, else native.
+
+    ``missing_ops`` is ``missing_fused_ops`` or, while dynamo traces, the same answer as a constant.
+    """
     setting = _setting()
     if setting == "native":
         return NATIVE
     if setting == "auto":
         return FUSED if x.device.type == "cuda" else NATIVE
-    missing = missing_fused_ops(x.device)
+    missing = missing_ops(x.device)
     if missing:
         raise RuntimeError(
             f"{ENVIRONMENT_VARIABLE}=fused, but torch has no {x.device.type} kernel for "

@@ -8,7 +8,7 @@ per-element work is the backend's (``_backends``: ``native`` or ``fused``), chos
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
@@ -36,18 +36,13 @@ class SyncBatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         backend = _backends.choose(x)
         x = _kernels.keep_layout(x)
-        stats_dtype = _stats.statistics_dtype(x)
         local_count = _stats.values_per_channel(x)
 
-        # The output buffer first holds the deviations of the local moments, then the output: one
-        # activation-sized allocation per forward, as in local BatchNorm (fresh pages are costly).
-        scratch = torch.empty_like(x) if x.dtype == stats_dtype and backend is _backends.NATIVE else None
-        local = backend.local_moments(x, scratch)
-        # ``shift`` is the same on every rank (the layer's previous global mean), so the sums about it merge.
-        common = None if shift is None else shift.to(device=x.device, dtype=torch.float64)
-        packed = _stats.pack_moments(local, common)
-        _comm.all_reduce_sum(packed, group, layer, "batch statistics")
-        total = _stats.unpack_moments(packed, common)
+        def all_reduce(packed: Tensor) -> Tensor:
+            _comm.all_reduce_sum(packed, group, layer, "batch statistics")
+            return packed
+
+        local, total, invstd = forward_statistics(x, backend, shift, eps, all_reduce)
         # Only a rank with at most one local value can be part of a global count <= 1, so the
         # others skip the host sync. Every rank of such a batch takes the same branch: a global
         # count of 1 raises on all of them, and none is left waiting in a collective.
@@ -55,7 +50,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
         if local_count <= 1:
             global_batch_is_empty = _check_global_count(total, x, layer)
 
-        invstd = total.var.add(eps).rsqrt_()
         # An all-empty global batch leaves the running statistics (and the shift) as they were, as BatchNorm does.
         if not global_batch_is_empty:
             if running_mean is not None and running_var is not None:
@@ -63,14 +57,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             if shift is not None:
                 shift.copy_(total.mean)
 
-        mean_s = total.mean.to(stats_dtype)
-        saved = _backends.Saved(
-            weight=None if weight is None else weight.to(stats_dtype),
-            mean=mean_s,
-            invstd=invstd.to(stats_dtype),
-            residual=(total.mean - mean_s).to(stats_dtype),
-            num_values=total.num_values,
-        )
+        saved = saved_for_backward(x, total, invstd, weight)
         ctx.save_for_backward(x, saved.weight, saved.mean, saved.invstd, saved.residual, saved.num_values)
         ctx.backend = backend
         ctx.group = group
@@ -88,13 +75,68 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return grads
 
 
+def forward_statistics(
+    x: Tensor, backend: _backends.Backend, shift: Optional[Tensor], eps: float,
+    all_reduce: Callable[[Tensor], Tensor],
+) -> tuple[_stats.LocalMoments, _stats.GlobalMoments, Tensor]:
+    """This rank's moments, the global ones (ONE ``all_reduce`` of 2C+1 float64 sums) and the float64 invstd.
+
+    Shared by the eager Function and the traceable one (``_traceable``): ``all_reduce`` returns the
+    rank-summed buffer (eager: the same tensor, summed in place; traced: a functional collective's
+    result). ``x`` is already in a layout the kernels keep (``_kernels.keep_layout``).
+    """
+    # The output buffer first holds the deviations of the local moments, then the output: one
+    # activation-sized allocation per forward, as in local BatchNorm (fresh pages are costly).
+    scratch = torch.empty_like(x) if x.dtype == _stats.statistics_dtype(x) and backend is _backends.NATIVE else None
+    local = backend.local_moments(x, scratch)
+    # ``shift`` is the same on every rank (the layer's previous global mean), so the sums about it merge.
+    common = None if shift is None else shift.to(device=x.device, dtype=torch.float64)
+    packed = all_reduce(_stats.pack_moments(local, common))
+    total = _stats.unpack_moments(packed, common)
+    return local, total, total.var.add(eps).rsqrt_()
+
+
+def saved_for_backward(
+    x: Tensor, total: _stats.GlobalMoments, invstd: Tensor, weight: Optional[Tensor]
+) -> _backends.Saved:
+    """The per-channel values the backward needs, in the statistics dtype, with the rounded mean's residual."""
+    stats_dtype = _stats.statistics_dtype(x)
+    mean_s = total.mean.to(stats_dtype)
+    return _backends.Saved(
+        weight=None if weight is None else weight.to(stats_dtype),
+        mean=mean_s,
+        invstd=invstd.to(stats_dtype),
+        residual=(total.mean - mean_s).to(stats_dtype),
+        num_values=total.num_values,
+    )
+
+
 def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
     """The synchronised backward (one all-reduce of the 2C gradient sums)."""
     x, weight, mean, invstd, residual, count = ctx.saved_tensors
-    saved = _backends.Saved(weight, mean, invstd, residual, count)
-    backend: _backends.Backend = ctx.backend
+
+    def all_reduce(sums: Tensor) -> Tensor:
+        _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
+        return sums
+
+    grads = backward_gradients(ctx.backend, x, _backends.Saved(weight, mean, invstd, residual, count), grad_output,
+                               ctx.needs_input_grad[:3], all_reduce)
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    return (grads[0], _to(grads[1], weight_dtype), _to(grads[2], bias_dtype),
+            None, None, None, None, None, None, None)
+
+
+def backward_gradients(
+    backend: _backends.Backend, x: Tensor, saved: _backends.Saved, grad_output: Tensor,
+    needs_grad: tuple[bool, bool, bool], all_reduce: Callable[[Tensor], Tensor],
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Input, weight and bias gradients (statistics dtype for the last two), ONE ``all_reduce`` of 2C sums.
+
+    Shared by the eager and the traceable Function; ``all_reduce`` as in ``forward_statistics``.
+    """
+    mean, invstd, residual = saved.mean, saved.invstd, saved.residual
     dy = _kernels.like_layout(grad_output, x)
-    input_needs_grad, weight_needs_grad, bias_needs_grad = ctx.needs_input_grad[:3]
+    input_needs_grad, weight_needs_grad, bias_needs_grad = needs_grad
 
     if x.numel() == 0:
         sum_dy, sum_dy_xmu = torch.zeros(2, mean.numel(), dtype=mean.dtype, device=mean.device)
@@ -111,12 +153,9 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
     # needs_input_grad is the same on every rank of an identical model, so either every
     # rank takes this all-reduce or none does.
     if input_needs_grad:
-        _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
+        sums = all_reduce(sums)
         grad_x = torch.empty_like(x) if x.numel() == 0 else backend.backward_elemt(dy, x, saved, sums[0], sums[1])
-
-    weight_dtype, bias_dtype = ctx.param_dtypes
-    return (grad_x, _to(grad_weight, weight_dtype), _to(grad_bias, bias_dtype),
-            None, None, None, None, None, None, None)
+    return grad_x, grad_weight, grad_bias
 
 
 class _NotTwiceDifferentiable(torch.autograd.Function):

@@ -74,6 +74,14 @@ class SyncBatchNorm(_BatchNorm):
         # Qualified name in the model, for error messages; convert_model sets it.
         self.layer_name: Optional[str] = None
         self.last_input_dim: Optional[int] = None
+        place_shift(self)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SyncBatchNorm:
+        # .to(device) / .cuda() move the shift too, so a compiled forward finds it in place (dynamo cannot
+        # create it inside a checkpointed region); its dtype stays float64 whatever fn does to buffers.
+        module = super()._apply(fn, recurse)
+        place_shift(self)
+        return module
 
     def _describe(self) -> str:
         name = f" '{self.layer_name}'" if self.layer_name else ""
@@ -105,16 +113,18 @@ class SyncBatchNorm(_BatchNorm):
             >>> bn(torch.randn(4, 3, 8, 8)).shape
             torch.Size([4, 3, 8, 8])
         """
-        if self.training and _compiling() and _comm.distributed_ready():
-            # Under torch.compile a training forward that may communicate runs eagerly: dynamo breaks the
-            # graph once at this layer instead of tracing its collectives and recompiling them per shape.
+        if self.training and _compiling() and _comm.distributed_ready() and _validate.enabled():
+            # Validation's all-gathers are not traceable: in validation mode a training forward under
+            # torch.compile runs eagerly (one graph break here). Otherwise it is traced whole (_traceable).
             return _run_eagerly(self._forward, input)
         return self._forward(input)
 
     def _forward(self, input: Tensor) -> Tensor:
         validating = begin_forward(self, input, self._describe())
         # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
-        self.last_input_dim = input.dim()
+        # (Not while compiling: dynamo rejects an attribute write inside a checkpointed region.)
+        if not _compiling():
+            self.last_input_dim = input.dim()
         group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
         return self._normalize(input, group, validating)
 
@@ -128,7 +138,11 @@ class SyncBatchNorm(_BatchNorm):
         )
         if self.momentum is None:
             # Cumulative average: this batch's weight, once it is counted.
-            factor = 1.0 / float(self.num_batches_tracked + 1) if tracks else 0.0  # type: ignore[operator]
+            factor: float | Tensor = 0.0
+            if tracks and _compiling():  # the same value as a tensor: no host sync in the graph
+                factor = (self.num_batches_tracked + 1).double().reciprocal()  # type: ignore[operator, union-attr]
+            elif tracks:
+                factor = 1.0 / float(self.num_batches_tracked + 1)  # type: ignore[operator]
         else:
             factor = self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -226,6 +240,22 @@ def _inside_backward() -> bool:
     return current_graph_task_id is not None and current_graph_task_id() != -1
 
 
+def place_shift(layer: torch.nn.Module) -> None:
+    """Give ``layer`` its common shift (zeros) on the device of its buffers or parameters, keeping its value.
+
+    Done when a layer is built, converted or moved, so that ``common_shift`` under torch.compile finds
+    it in place: an attribute write is a side effect dynamo refuses inside activation checkpointing.
+    """
+    reference = next((t for t in (layer.running_mean, layer.weight) if isinstance(t, Tensor)), None)
+    device = torch.device("cpu") if reference is None else reference.device
+    shift: Optional[Tensor] = getattr(layer, "_syncnorm_shift", None)
+    num_features = int(layer.num_features)  # type: ignore[arg-type]
+    if shift is None or shift.numel() != num_features:
+        layer._syncnorm_shift = torch.zeros(num_features, dtype=torch.float64, device=device)
+    elif shift.device != device:
+        layer._syncnorm_shift = shift.to(device)
+
+
 def common_shift(layer: torch.nn.Module, input: Tensor) -> Tensor:
     """The layer's shift for the float64 merge: its previous global batch mean, the same on every rank.
 
@@ -249,7 +279,7 @@ def sync_batch_norm(
     weight: Optional[Tensor] = None,
     bias: Optional[Tensor] = None,
     training: bool = False,
-    momentum: float = 0.1,
+    momentum: float | Tensor = 0.1,
     eps: float = 1e-5,
     *,
     group: Optional[_comm.ProcessGroup] = None,
@@ -266,8 +296,14 @@ def sync_batch_norm(
     """
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if training and _compiling() and (group is not None or isinstance(momentum, Tensor)):
+        from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
+
+        return _traceable.sync_batch_norm(
+            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group), shift
+        )
     if group is None or not training:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
     _refuse_forward_ad(layer, input, weight, bias)
     output: Tensor = SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, eps, momentum, group, layer, shift

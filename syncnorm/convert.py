@@ -43,7 +43,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
 from . import _comm, _validate
-from .batchnorm import SyncBatchNorm, begin_forward, common_shift, recomputing_forward, sync_batch_norm
+from .batchnorm import SyncBatchNorm, begin_forward, common_shift, place_shift, recomputing_forward, sync_batch_norm
 
 Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 
@@ -192,6 +192,7 @@ def _convert_layer(layer: _BatchNorm, process_group: Optional[_comm.ProcessGroup
         layer.__class__ = SyncBatchNorm
     else:
         layer.__class__ = _synchronised_class(original)
+    place_shift(layer)
 
 
 def _revert_layer(layer: nn.Module) -> None:

@@ -1,0 +1,159 @@
+"""The synchronised training BatchNorm in a form torch.compile traces whole (fullgraph=True).
+
+Used only while dynamo traces (``torch.compiler.is_compiling()``); eager code never comes here, so
+eager op counts and speed are those of ``_function.SyncBatchNormFunction``. The math is the eager
+Function's own, shared with it: ``_function.forward_statistics`` (the backend's local moments, their
+float64 merge about the common shift), ``_function.saved_for_backward`` (the rounded mean and its
+residual) and ``_function.backward_gradients``, with the backend ``_backends.choose`` picks
+(``SYNCNORM_KERNELS``). What differs is only what dynamo needs:
+
+- the collective is ``torch.distributed._functional_collectives.all_reduce`` on a group referred to
+  by its name (a ``str``): it traces as ``_c10d_functional.all_reduce`` + ``wait_tensor`` in the FX
+  graph, where a ProcessGroup object passed to an autograd.Function would break the graph;
+- no host synchronisation: the global-count check is a tensor assertion (``torch._assert_async``),
+  emitted only where the *static* local shape has at most one value per channel (only such a rank
+  can be part of a global batch of one value per channel), so ordinary layers carry no check;
+- no side effects inside the Function: it returns the global count, mean and variance as
+  non-differentiable outputs, and the running statistics are updated by in-place ops on the
+  buffers after it (AOTAutograd functionalises them and writes them back at the end of the graph);
+  the momentum may be a 0-dim tensor (``momentum=None``: ``1 / num_batches_tracked`` without ``.item()``);
+- the common shift is read, not updated (``sync_batch_norm`` says why).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _backends, _function, _kernels, _stats
+
+Momentum = Union[float, Tensor]
+
+
+def _all_reduce_sum(buffer: Tensor, group_name: Optional[str]) -> Tensor:
+    """The sum of ``buffer`` over the ranks of the group called ``group_name`` (a new tensor); None: no group."""
+    if group_name is None:
+        return buffer
+    from torch.distributed import _functional_collectives as funcol
+
+    # wait_tensor makes the result an ordinary tensor in eager (funcol returns an AsyncCollectiveTensor).
+    return funcol.wait_tensor(funcol.all_reduce(buffer, "sum", group_name))  # type: ignore[arg-type]
+
+
+def _missing_fused_ops(device: torch.device) -> tuple[str, ...]:
+    return _missing_fused_ops_on(device.type)
+
+
+@torch.compiler.assume_constant_result
+def _missing_fused_ops_on(device_type: str) -> tuple[str, ...]:
+    """``_backends.missing_fused_ops`` as a constant of the trace (dynamo cannot trace its dispatcher query)."""
+    return tuple(_backends.missing_fused_ops(torch.device(device_type)))
+
+
+class TraceableSyncBatchNormFunction(torch.autograd.Function):
+    """Training-mode BatchNorm over the batch of every rank of the group ``group_name``.
+
+    Returns the output and, as non-differentiable outputs, the global count (float64 scalar), mean
+    and biased variance (float64, (C,)) from which the caller updates the running statistics and
+    the common shift.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        shift: Optional[Tensor],
+        eps: float,
+        group_name: Optional[str],
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        backend = _backends.choose(x, _missing_fused_ops)
+        x = _kernels.keep_layout(x)
+        local, total, invstd = _function.forward_statistics(
+            x, backend, shift, eps, lambda packed: _all_reduce_sum(packed, group_name)
+        )
+        if _stats.values_per_channel(x) <= 1:
+            # A static fact of this rank's shape: the other ranks may have more values, so the check
+            # is on the global count, as a tensor (no .item(); every rank checks the same summed value).
+            torch._assert_async(
+                total.num_values != 1,
+                "Expected more than 1 value per channel when training, got 1 value per channel over the "
+                "whole process group (syncnorm, compiled). Use a larger global batch, or eval() mode.",
+            )
+        saved = _function.saved_for_backward(x, total, invstd, weight)
+        output = backend.normalize(x, local, total.mean, invstd, weight, bias)
+        ctx.save_for_backward(x, saved.weight, saved.mean, saved.invstd, saved.residual, saved.num_values)
+        ctx.backend = backend
+        ctx.group_name = group_name
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(total.num_values, total.mean, total.var)
+        return output, total.num_values, total.mean, total.var
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor, *_: Any) -> tuple[Optional[Tensor], ...]:
+        x, weight, mean, invstd, residual, count = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = _function.backward_gradients(
+            ctx.backend, x, _backends.Saved(weight, mean, invstd, residual, count), grad_output,
+            ctx.needs_input_grad[:3], lambda sums: _all_reduce_sum(sums, ctx.group_name),
+        )
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        return grad_x, _to(grad_weight, weight_dtype), _to(grad_bias, bias_dtype), None, None, None
+
+
+def _to(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    return None if t is None or dtype is None else t.to(dtype)
+
+
+def sync_batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: Momentum,
+    eps: float,
+    group_name: Optional[str],
+    shift: Optional[Tensor] = None,
+) -> Tensor:
+    """Training-mode batch norm over the group ``group_name`` (None: this rank alone), traceable whole.
+
+    ``shift`` (float64 (C,), the same on every rank) is the common shift of the float64 merge. Unlike
+    the eager Function, this path only reads it and never writes this step's global mean into it: a
+    graph input that is overwritten in place must not be needed by the compiled backward, and it is,
+    by a checkpointed layer's recomputed forward (AOTAutograd then refuses the backward: "modified by
+    an inplace operation"); with inductor, the compiled backward gave wrong input gradients
+    (observed on torch 2.14 with tests/test_compile.py when the shift was updated in place here).
+    So a compiled layer merges about the shift its eager training steps left (zero for a fresh layer).
+    """
+    output, count, mean, var = TraceableSyncBatchNormFunction.apply(input, weight, bias, shift, eps, group_name)
+    local_count = _stats.values_per_channel(input)
+    if running_mean is not None and running_var is not None:
+        _update_running_stats(running_mean, running_var, count, mean, var, momentum, local_count)
+    return output
+
+
+def _update_running_stats(
+    running_mean: Tensor, running_var: Tensor, count: Tensor, mean: Tensor, var: Tensor, momentum: Momentum,
+    local_count: int,
+) -> None:
+    """The same float64 average as the eager Function's, in place on the buffers (traced as buffer mutations)."""
+    with torch.no_grad():
+        unbiased = _stats.unbiased_var(_stats.GlobalMoments(count, mean, var))
+        weight = momentum.double() if isinstance(momentum, Tensor) else momentum
+        new_mean = running_mean.double().lerp(mean, weight)
+        new_var = running_var.double().lerp(unbiased, weight)
+        if local_count == 0:
+            # Only a rank with no values can see an all-empty global batch; that leaves the statistics as they were.
+            empty = count == 0
+            new_mean = torch.where(empty, running_mean.double(), new_mean)
+            new_var = torch.where(empty, running_var.double(), new_var)
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+
+
+def group_name(group: Any) -> Optional[str]:
+    """The registered name of a ProcessGroup (what functional collectives take), None for no group."""
+    return None if group is None else str(group.group_name)
