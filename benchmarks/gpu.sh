@@ -10,11 +10,11 @@
 #   8. suite:       the whole pytest suite with CUDA visible (last: the longest, the least GPU-specific)
 # Each step has its own timeout (a hang costs that step only) and its status in the summary table at the end.
 # Run from the repository root:  bash benchmarks/gpu.sh   (PY=/path/to/python picks the interpreter;
-# STEPS="check_cuda selftest" runs some steps only). Everything printed goes to ${OUT:-.}/gpu-results.txt,
+# STEPS="check_cuda selftest" runs some steps only). Everything printed goes to ${OUT:-out/gpu}/gpu-results.txt (out/ is git-ignored),
 # and the selftest and benchmark JSON files beside it. Exit status: 0 when every step passed.
 set -uo pipefail
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-DEST=${OUT:-.}
+DEST=${OUT:-out/gpu}
 mkdir -p "$DEST"
 RESULTS=$DEST/gpu-results.txt
 STEPS=${STEPS:-"check_cuda cuda-tests fused equivalence selftest bench-layer bench-model suite"}
