@@ -14,7 +14,7 @@ from distributed import run_on_ranks
 if __name__ == "__main__":
     print("| backend | layout | forward ops | backward ops | host syncs |")
     print("|---|---|---|---|---|")
-    for kernels in ("native", "fused"):
+    for kernels in test_op_counts.BUDGETS:
         for layout in test_op_counts.LAYOUTS:
             report = run_on_ranks(2, test_op_counts.rank_count_ops, layout, kernels)[0]
             print(f"| {kernels} | {layout} | {len(report['forward'])} | {len(report['backward'])} | "

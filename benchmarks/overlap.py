@@ -18,36 +18,34 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from syncnorm import _backends, _kernels, _stats
+from syncnorm import _backends, _function, _kernels, _stats
 
 _NATIVE = _backends.NATIVE
 
 
 def _finish_forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     running_mean: Tensor, running_var: Tensor, eps: float, momentum: float,
-                    total: _stats.GlobalMoments, local: _stats.LocalMoments) -> Tensor:
-    dtype = _stats.statistics_dtype(x)
-    invstd = total.var.add(eps).rsqrt_()
-    with torch.no_grad():
-        running_mean.copy_(running_mean.double().lerp_(total.mean, momentum))
-        running_var.copy_(running_var.double().lerp_(_stats.unbiased_var(total), momentum))
-    mean = total.mean.to(dtype)
-    ctx.save_for_backward(x, None if weight is None else weight.to(dtype), mean, invstd.to(dtype),
-                          (total.mean - mean).to(dtype), total.num_values)
-    return _NATIVE.normalize(x, local, total.mean, invstd, weight, bias)
+                    summed: Tensor, local: _stats.LocalMoments) -> Tensor:
+    stats = _backends.finish_statistics(_NATIVE, summed, local, None, weight, bias, eps, _stats.statistics_dtype(x),
+                                        running_mean, running_var, momentum, False)
+    saved = _function.saved_for_backward(x, stats, local, weight)
+    ctx.save_for_backward(x, *saved)
+    return _NATIVE.normalize(x, local, stats, weight)
 
 
 def _saved(ctx: Any) -> tuple[Tensor, _backends.Saved]:
-    x, weight, mean, invstd, residual, count = ctx.saved_tensors
-    return x, _backends.Saved(weight, mean, invstd, residual, count)
+    x, *saved = ctx.saved_tensors
+    return x, _backends.Saved(*saved)
 
 
 def _sums(dy: Tensor, x: Tensor, saved: _backends.Saved) -> tuple[Tensor, Tensor, Tensor]:
-    """The gradient-sum buffer (about the float64 mean), and this rank's weight and bias gradients."""
+    """The gradient-sum buffer (folded as in ``_function.backward_gradients``), this rank's weight and bias grads."""
     sum_dy, sum_dy_xmu = _NATIVE.backward_reduce(dy, x, saved)
-    buf = torch.cat([sum_dy, sum_dy_xmu]).view(2, -1)
-    buf[1].addcmul_(saved.residual, sum_dy, value=-1)
-    return buf, buf[1] * saved.invstd, sum_dy
+    buf = torch.empty(2, sum_dy.numel(), dtype=sum_dy.dtype)
+    torch.addcmul(sum_dy_xmu, saved.residual, sum_dy, value=-1, out=buf[1])
+    grad_weight = buf[1] * saved.invstd
+    torch.addcmul(sum_dy, saved.r_invstd2, buf[1], value=-1, out=buf[0])
+    return buf, grad_weight, sum_dy
 
 
 def _sync_backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
@@ -55,7 +53,7 @@ def _sync_backward(ctx: Any, dy: Tensor) -> tuple[Optional[Tensor], ...]:
     dy = _kernels.like_layout(dy, x)
     buf, grad_weight, grad_bias = _sums(dy, x, saved)
     dist.all_reduce(buf)
-    grad_x = _NATIVE.backward_elemt(dy, x, saved, buf[0], buf[1])
+    grad_x = _NATIVE.backward_elemt(dy, x, saved, buf)
     return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
@@ -70,8 +68,7 @@ class AsyncBackward(torch.autograd.Function):
         local = _stats.local_moments(x, scratch=output)
         packed = _stats.pack_moments(local)
         dist.all_reduce(packed)
-        return _finish_forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum,
-                               _stats.unpack_moments(packed), local)
+        return _finish_forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, packed, local)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]
@@ -79,10 +76,10 @@ class AsyncBackward(torch.autograd.Function):
         dy = _kernels.like_layout(grad_output, x)
         buf, grad_weight, grad_bias = _sums(dy, x, saved)
         work = dist.all_reduce(buf, async_op=True)
-        scale = saved.invstd if saved.weight is None else saved.weight * saved.invstd
-        grad_x = dy * _kernels.per_channel(scale, x)  # needs no global sum: overlaps the all-reduce
+        grad_x = dy * _kernels.per_channel(saved.alpha, x)  # needs no global sum: overlaps the all-reduce
         work.wait()
-        _, k, c = _backends._backward_coefficients(saved, buf[0], buf[1])
+        assert saved.coef is not None
+        c, k = buf * saved.coef
         rest = torch.sub(x, _kernels.per_channel(saved.mean, x))
         torch.addcmul(_kernels.per_channel(c, x), rest, _kernels.per_channel(k, x), out=rest)
         return grad_x.add_(rest), grad_weight, grad_bias, None, None, None, None, None
@@ -115,8 +112,7 @@ class PipelinedForward(torch.autograd.Function):
         shift = torch.cat(shifts)
         deviations = torch.sub(x.to(shift.dtype), _kernels.per_channel(shift, x))
         local = _stats.LocalMoments(_stats.values_per_channel(x), shift, shift, shift, deviations)
-        return _finish_forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum,
-                               _stats.unpack_moments(merged), local)
+        return _finish_forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, merged, local)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:  # type: ignore[override]

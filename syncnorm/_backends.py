@@ -18,6 +18,22 @@ backend       kernels                                                           
 the default. ``fused`` needs the four kernels for the input's device (CUDA has them; on CPU the
 tests register stand-ins, tests/fused_cpu.py).
 
+Around the all-reduce both backends do the same per-channel work: pack the local moments about the
+common shift (``_stats.pack_moments``), and from the summed buffer compute every per-channel value of
+the step (``finish_statistics``: ``_stats.finish_statistics`` and the running statistics). Where Triton
+runs (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) each side is one kernel (``_triton``), else
+~5 and ~20 aten ops. Per training step, ops dispatched (tests/test_op_counts.py asserts them):
+
+=====================  ====================================  ==========================================
+setting                forward                               backward
+=====================  ====================================  ==========================================
+fused + Triton (GPU)   stats, reduce(x, x), pack, all-reduce, reduce, 3 small ops, all-reduce,
+                       finish, elemt: 6 (+1 module counter)  backward_elemt: 6
+native + Triton        mean, sub, zeros, reduce, pack,       reduce, 3, all-reduce, 2, eval-mode
+                       all-reduce, finish, normalise: 8 (+1) batch_norm kernel, addcmul: 9
+native, aten (CPU)     33 (+1)                               9
+=====================  ====================================  ==========================================
+
 The fused kernels take the statistics in float32 (float64 for float64 input). A float32 mean
 ``m32`` of the float64 global mean ``m`` misses ``r = m - m32``, which matters when ``|mean| >>
 std``; every kernel is exact about ``m32`` (``x - m32`` is exact near the mean), so the per-channel
@@ -35,7 +51,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _kernels, _stats
+from . import _kernels, _stats, _triton
 
 ENVIRONMENT_VARIABLE = "SYNCNORM_KERNELS"
 _CHOICES = ("auto", "native", "fused")
@@ -47,99 +63,91 @@ _TINY_EPS = 1e-30
 
 
 class Saved(NamedTuple):
-    """What the backward needs of the forward, per channel in the statistics dtype."""
+    """What the backward needs of the forward, per channel in the statistics dtype (``_stats.PerChannel``)."""
 
-    weight: Optional[Tensor]
+    weight: Optional[Tensor]  # the weight in the statistics dtype (the fused kernels' argument)
     mean: Tensor  # the global mean rounded to the statistics dtype, m32
     invstd: Tensor
     residual: Tensor  # m - m32 (the float64 global mean minus m32), rounded
-    num_values: Tensor  # float64 scalar: the global number of values per channel
+    r_invstd2: Tensor  # residual * invstd^2
+    alpha: Tensor  # weight * invstd
+    coef: Optional[Tensor]  # (2, C) native: -(alpha / n) * [1, invstd^2]
+    int_count: Optional[Tensor]  # int32 (1,) fused: the global count
+    zeros: Optional[Tensor]  # (C,) zeros for the native kernels
 
 
 class Backend(NamedTuple):
     """One implementation of the per-element work; see the module docstring."""
 
     name: str
-    local_moments: Callable[[Tensor, Optional[Tensor]], _stats.LocalMoments]
-    normalize: Callable[[Tensor, _stats.LocalMoments, Tensor, Tensor, Optional[Tensor], Optional[Tensor]], Tensor]
+    # (local moments, packed float64 buffer about the common shift) of this rank's x
+    local_packed: Callable[[Tensor, Optional[Tensor], Optional[Tensor]], tuple[_stats.LocalMoments, Tensor]]
+    normalize: Callable[[Tensor, _stats.LocalMoments, _stats.PerChannel, Optional[Tensor]], Tensor]
     backward_reduce: Callable[[Tensor, Tensor, Saved], tuple[Tensor, Tensor]]
-    backward_elemt: Callable[[Tensor, Tensor, Saved, Tensor, Tensor], Tensor]
+    backward_elemt: Callable[[Tensor, Tensor, Saved, Tensor], Tensor]
 
 
-def _affine(mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-            about: Tensor) -> tuple[Tensor, Tensor]:
-    """float64 ``alpha = weight * invstd`` and ``beta = bias - (mean - about) * alpha``."""
-    alpha = invstd if weight is None else invstd * weight
-    beta = (about - mean).mul_(alpha)
-    return alpha, beta if bias is None else beta.add_(bias)
+def _native_local_packed(x: Tensor, scratch: Optional[Tensor], common: Optional[Tensor]
+                         ) -> tuple[_stats.LocalMoments, Tensor]:
+    local = _stats.local_moments(x, scratch)
+    if _triton.usable(x.device):
+        return local, _triton.pack_moments(local, common)
+    return local, _stats.pack_moments(local, common)
 
 
-def _native_normalize(x: Tensor, local: _stats.LocalMoments, mean: Tensor, invstd: Tensor,
-                      weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def _native_normalize(x: Tensor, local: _stats.LocalMoments, stats: _stats.PerChannel,
+                      weight: Optional[Tensor]) -> Tensor:
     if local.deviations is None:  # no local values
         return torch.empty_like(x)
-    alpha, beta = _affine(mean, invstd, weight, bias, local.shift.double())
-    dtype = local.deviations.dtype
-    return _kernels.normalize(x, local.deviations, alpha.to(dtype), beta.to(dtype))
+    return _kernels.normalize(x, local.deviations, stats.alpha, stats.beta, local.zeros)
 
 
 def _native_backward_reduce(dy: Tensor, x: Tensor, saved: Saved) -> tuple[Tensor, Tensor]:
-    return _kernels.backward_reduce(dy, x, saved.mean, torch.zeros_like(saved.mean))
+    zeros = torch.zeros_like(saved.mean) if saved.zeros is None else saved.zeros
+    return _kernels.backward_reduce(dy, x, saved.mean, zeros)
 
 
-def _backward_coefficients(saved: Saved, sum_dy: Tensor, sum_dy_xmu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``grad_x = scale * dy + k * (x - m32) + c`` with the global sums (about the float64 mean).
-
-    Folded in float64 and rounded once, so the per-channel sum of ``grad_x`` (zero in exact
-    arithmetic, and what a parameter before the layer gets as gradient) stays at rounding level.
-    """
-    invstd = saved.invstd.double()
-    scale = invstd if saved.weight is None else invstd * saved.weight
-    per_value = scale / saved.num_values
-    k = -(per_value * invstd * invstd * sum_dy_xmu)
-    # (x - m) = (x - m32) - r: the residual of the rounded mean moves into the constant.
-    c = torch.addcmul(-(per_value * sum_dy), k, saved.residual, value=-1)
-    dtype = saved.mean.dtype
-    return scale.to(dtype), k.to(dtype), c.to(dtype)
+def _native_backward_elemt(dy: Tensor, x: Tensor, saved: Saved, sums: Tensor) -> Tensor:
+    """``grad_x = alpha * dy + k * (x - m32) + c`` with ``[c, k] = coef * sums`` (the global sums)."""
+    assert saved.coef is not None
+    constant, slope = sums * saved.coef
+    return _kernels.backward_elemt(dy, x, saved.mean, saved.alpha, slope, constant, saved.zeros)
 
 
-def _native_backward_elemt(dy: Tensor, x: Tensor, saved: Saved, sum_dy: Tensor, sum_dy_xmu: Tensor) -> Tensor:
-    scale, k, c = _backward_coefficients(saved, sum_dy, sum_dy_xmu)
-    return _kernels.backward_elemt(dy, x, saved.mean, scale, k, c)
+NATIVE = Backend("native", _native_local_packed, _native_normalize, _native_backward_reduce, _native_backward_elemt)
 
 
-NATIVE = Backend("native", _stats.local_moments, _native_normalize, _native_backward_reduce, _native_backward_elemt)
-
-
-def _fused_local_moments(x: Tensor, scratch: Optional[Tensor] = None) -> _stats.LocalMoments:
+def _fused_local_packed(x: Tensor, scratch: Optional[Tensor], common: Optional[Tensor]
+                        ) -> tuple[_stats.LocalMoments, Tensor]:
     count = _stats.values_per_channel(x)
     if count == 0:
-        return _stats.empty_moments(x)
+        local = _stats.empty_moments(x)
+        return local, _stats.pack_moments(local, common)
     # One fused Welford kernel: a rounded mean c = m32 and the variance about the exact mean.
     mean, invstd = torch.batch_norm_stats(x, _TINY_EPS)
-    var = invstd.double().pow(-2).sub_(_TINY_EPS).clamp_(min=0)
     # The rounding e = mean - c of a large mean is a large fraction of a small spread. The reduce
     # kernel with dy = x gives S = sum x (x - c) = n var + n e^2 + c n e, so n e = (S - n var) / c,
     # with an error of about eps * n * std whatever the mean (x (x - c) is formed exactly enough).
     _, moment, _, _ = torch.batch_norm_backward_reduce(x, x, mean, invstd, None, True, False, False)
+    if _triton.usable(x.device):
+        return (_stats.LocalMoments(count, mean, mean, mean, None),
+                _triton.pack_welford_moments(mean, invstd, moment, count, common, _TINY_EPS))
+    var = invstd.double().pow(-2).sub_(_TINY_EPS).clamp_(min=0)
     mean64 = mean.double()
     sum_dev = (moment.double() - var * count) / mean64
     sum_dev = torch.where(mean64.abs() > var.sqrt(), sum_dev, 0.0)  # a small mean rounds to a tiny error
     sum_sq_dev = var.mul_(count).addcmul_(sum_dev, sum_dev, value=1 / count)
-    dtype = mean.dtype
-    return _stats.LocalMoments(count, mean, sum_dev.to(dtype), sum_sq_dev.to(dtype), None)
+    local = _stats.LocalMoments(count, mean, sum_dev, sum_sq_dev, None)
+    return local, _stats.pack_moments(local, common)
 
 
-def _fused_normalize(x: Tensor, local: _stats.LocalMoments, mean: Tensor, invstd: Tensor,
-                     weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def _fused_normalize(x: Tensor, local: _stats.LocalMoments, stats: _stats.PerChannel,
+                     weight: Optional[Tensor]) -> Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)
-    dtype = _stats.statistics_dtype(x)
-    mean_s = mean.to(dtype)
-    # The kernel computes (x - m32) * invstd * weight + bias: the bias absorbs the residual m - m32.
-    alpha, beta = _affine(mean, invstd, weight, bias, mean_s.double())
-    weight_s = None if weight is None else weight.to(dtype)
-    return torch.batch_norm_elemt(x, weight_s, beta.to(dtype), mean_s, invstd.to(dtype), 0.0)
+    # The kernel computes (x - m32) * invstd * weight + beta: beta absorbs the residual m - m32.
+    weight_s = None if weight is None else weight.to(stats.mean.dtype)
+    return torch.batch_norm_elemt(x, weight_s, stats.beta, stats.mean, stats.invstd, 0.0)
 
 
 def _fused_backward_reduce(dy: Tensor, x: Tensor, saved: Saved) -> tuple[Tensor, Tensor]:
@@ -149,16 +157,41 @@ def _fused_backward_reduce(dy: Tensor, x: Tensor, saved: Saved) -> tuple[Tensor,
     return sum_dy, sum_dy_xmu
 
 
-def _fused_backward_elemt(dy: Tensor, x: Tensor, saved: Saved, sum_dy: Tensor, sum_dy_xmu: Tensor) -> Tensor:
-    # The kernel takes (x - m32); with (x - m) = (x - m32) - r the residual moves into sum_dy.
-    sum_dy_about_m32 = torch.addcmul(sum_dy, saved.residual * saved.invstd * saved.invstd, sum_dy_xmu, value=-1)
-    count = saved.num_values.to(torch.int32).reshape(1)  # int32 counts whose sum is the global count
+def _fused_backward_elemt(dy: Tensor, x: Tensor, saved: Saved, sums: Tensor) -> Tensor:
+    # sums = [sum_dy - r invstd^2 sum_dy_xmu, sum_dy_xmu about m]: the kernel's (x - m32) form (_function).
+    assert saved.int_count is not None
     return torch.batch_norm_backward_elemt(
-        dy, x, saved.mean, saved.invstd, saved.weight, sum_dy_about_m32, sum_dy_xmu, count
+        dy, x, saved.mean, saved.invstd, saved.weight, sums[0], sums[1], saved.int_count
     )
 
 
-FUSED = Backend("fused", _fused_local_moments, _fused_normalize, _fused_backward_reduce, _fused_backward_elemt)
+FUSED = Backend("fused", _fused_local_packed, _fused_normalize, _fused_backward_reduce, _fused_backward_elemt)
+
+
+def finish_statistics(
+    backend: Backend, summed: Tensor, local: _stats.LocalMoments, shift: Optional[Tensor], weight: Optional[Tensor],
+    bias: Optional[Tensor], eps: float, dtype: torch.dtype, running_mean: Optional[Tensor],
+    running_var: Optional[Tensor], momentum: float, update_shift: bool, triton: bool = True,
+) -> _stats.PerChannel:
+    """The step's per-channel values from the summed buffer; updates the running statistics and the shift.
+
+    ``running_mean``/``running_var`` None: no update (also when the global batch is empty);
+    ``update_shift``: write the global mean into ``shift``. One Triton kernel where it runs
+    (``triton`` False: always aten, e.g. while dynamo traces), else ``_stats``' aten ops.
+    """
+    native = backend is NATIVE
+    about = local.shift if native else None
+    if triton and _triton.usable(summed.device):
+        return _triton.finish_statistics(summed, shift, about, weight, bias, eps, dtype, running_mean, running_var,
+                                         momentum, update_shift)
+    stats = _stats.finish_statistics(summed, shift, about, weight, bias, eps, dtype,
+                                     coefficients=native, int_count=not native)
+    if running_mean is not None and running_var is not None:
+        _stats.update_running_statistics(running_mean, running_var, stats, momentum)
+    if update_shift and shift is not None:
+        assert stats.moments is not None
+        shift.copy_(stats.moments[0])
+    return stats
 
 
 def _setting() -> str:

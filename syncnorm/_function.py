@@ -42,28 +42,24 @@ class SyncBatchNormFunction(torch.autograd.Function):
             _comm.all_reduce_sum(packed, group, layer, "batch statistics")
             return packed
 
-        local, total, invstd = forward_statistics(x, backend, shift, eps, all_reduce)
+        local, summed = local_statistics(x, backend, shift, all_reduce)
         # Only a rank with at most one local value can be part of a global count <= 1, so the
         # others skip the host sync. Every rank of such a batch takes the same branch: a global
-        # count of 1 raises on all of them, and none is left waiting in a collective.
-        global_batch_is_empty = False
-        if local_count <= 1:
-            global_batch_is_empty = _check_global_count(total, x, layer)
-
+        # count of 1 raises on all of them (before any state changes), and none is left waiting in a collective.
         # An all-empty global batch leaves the running statistics (and the shift) as they were, as BatchNorm does.
-        if not global_batch_is_empty:
-            if running_mean is not None and running_var is not None:
-                _update_running_stats(running_mean, running_var, total, momentum)
-            if shift is not None:
-                shift.copy_(total.mean)
-
-        saved = saved_for_backward(x, total, invstd, weight)
-        ctx.save_for_backward(x, saved.weight, saved.mean, saved.invstd, saved.residual, saved.num_values)
+        update = not (local_count <= 1 and _check_global_count(summed, x, layer))
+        track = update and running_mean is not None and running_var is not None
+        stats = _backends.finish_statistics(
+            backend, summed, local, shift, weight, bias, eps, _stats.statistics_dtype(x),
+            running_mean if track else None, running_var if track else None, momentum, update and shift is not None,
+        )
+        saved = saved_for_backward(x, stats, local, weight)
+        ctx.save_for_backward(x, *saved)
         ctx.backend = backend
         ctx.group = group
         ctx.layer = layer
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        return backend.normalize(x, local, total.mean, invstd, weight, bias)
+        return backend.normalize(x, local, stats, weight)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
@@ -75,11 +71,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return grads
 
 
-def forward_statistics(
-    x: Tensor, backend: _backends.Backend, shift: Optional[Tensor], eps: float,
-    all_reduce: Callable[[Tensor], Tensor],
-) -> tuple[_stats.LocalMoments, _stats.GlobalMoments, Tensor]:
-    """This rank's moments, the global ones (ONE ``all_reduce`` of 2C+1 float64 sums) and the float64 invstd.
+def local_statistics(
+    x: Tensor, backend: _backends.Backend, shift: Optional[Tensor], all_reduce: Callable[[Tensor], Tensor],
+) -> tuple[_stats.LocalMoments, Tensor]:
+    """This rank's moments and the rank-summed (2C+1) float64 buffer: ONE ``all_reduce``.
 
     Shared by the eager Function and the traceable one (``_traceable``): ``all_reduce`` returns the
     rank-summed buffer (eager: the same tensor, summed in place; traced: a functional collective's
@@ -88,39 +83,34 @@ def forward_statistics(
     # The output buffer first holds the deviations of the local moments, then the output: one
     # activation-sized allocation per forward, as in local BatchNorm (fresh pages are costly).
     scratch = torch.empty_like(x) if x.dtype == _stats.statistics_dtype(x) and backend is _backends.NATIVE else None
-    local = backend.local_moments(x, scratch)
     # ``shift`` is the same on every rank (the layer's previous global mean), so the sums about it merge.
     common = None if shift is None else shift.to(device=x.device, dtype=torch.float64)
-    packed = all_reduce(_stats.pack_moments(local, common))
-    total = _stats.unpack_moments(packed, common)
-    return local, total, total.var.add(eps).rsqrt_()
+    local, packed = backend.local_packed(x, scratch, common)
+    return local, all_reduce(packed)
 
 
 def saved_for_backward(
-    x: Tensor, total: _stats.GlobalMoments, invstd: Tensor, weight: Optional[Tensor]
+    x: Tensor, stats: _stats.PerChannel, local: _stats.LocalMoments, weight: Optional[Tensor]
 ) -> _backends.Saved:
-    """The per-channel values the backward needs, in the statistics dtype, with the rounded mean's residual."""
+    """The per-channel values the backward needs, in the statistics dtype."""
     stats_dtype = _stats.statistics_dtype(x)
-    mean_s = total.mean.to(stats_dtype)
     return _backends.Saved(
         weight=None if weight is None else weight.to(stats_dtype),
-        mean=mean_s,
-        invstd=invstd.to(stats_dtype),
-        residual=(total.mean - mean_s).to(stats_dtype),
-        num_values=total.num_values,
+        mean=stats.mean, invstd=stats.invstd, residual=stats.residual, r_invstd2=stats.r_invstd2,
+        alpha=stats.alpha, coef=stats.coef, int_count=stats.int_count, zeros=local.zeros,
     )
 
 
 def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
     """The synchronised backward (one all-reduce of the 2C gradient sums)."""
-    x, weight, mean, invstd, residual, count = ctx.saved_tensors
+    x, *saved = ctx.saved_tensors
 
     def all_reduce(sums: Tensor) -> Tensor:
         _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
         return sums
 
-    grads = backward_gradients(ctx.backend, x, _backends.Saved(weight, mean, invstd, residual, count), grad_output,
-                               ctx.needs_input_grad[:3], all_reduce)
+    grads = backward_gradients(ctx.backend, x, _backends.Saved(*saved), grad_output, ctx.needs_input_grad[:3],
+                               all_reduce)
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (grads[0], _to(grads[1], weight_dtype), _to(grads[2], bias_dtype),
             None, None, None, None, None, None, None)
@@ -132,29 +122,31 @@ def backward_gradients(
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Input, weight and bias gradients (statistics dtype for the last two), ONE ``all_reduce`` of 2C sums.
 
-    Shared by the eager and the traceable Function; ``all_reduce`` as in ``forward_statistics``.
+    The kernels take the sums about the float32 mean m32; with (x - m) = (x - m32) - r every rank
+    folds the residual r into its own sums, which stay sums (so the all-reduce adds them up):
+    ``[sum dy - r invstd^2 sum dy (x - m), sum dy (x - m)]``, ``sum dy (x - m) = sum dy (x - m32) - r sum dy``.
+    Shared by the eager and the traceable Function; ``all_reduce`` as in ``local_statistics``.
     """
-    mean, invstd, residual = saved.mean, saved.invstd, saved.residual
     dy = _kernels.like_layout(grad_output, x)
     input_needs_grad, weight_needs_grad, bias_needs_grad = needs_grad
-
+    mean = saved.mean
     if x.numel() == 0:
         sum_dy, sum_dy_xmu = torch.zeros(2, mean.numel(), dtype=mean.dtype, device=mean.device)
     else:
         sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, saved)
-    # Taken about the float32 mean m32 by the kernels; about the float64 mean m: minus r * sum_dy.
-    sums = torch.cat([sum_dy, sum_dy_xmu]).view(2, -1)
-    sums[1].addcmul_(residual, sum_dy, value=-1)
+    sums = torch.empty(2, mean.numel(), dtype=mean.dtype, device=mean.device)
+    torch.addcmul(sum_dy_xmu, saved.residual, sum_dy, value=-1, out=sums[1])
     grad_weight = None
     if weight_needs_grad:  # this rank's share, before the all-reduce; zero without local values
-        grad_weight = sums[1] * invstd if x.numel() else torch.zeros_like(invstd)
+        grad_weight = sums[1] * saved.invstd if x.numel() else torch.zeros_like(saved.invstd)
     grad_bias = sum_dy if bias_needs_grad else None
     grad_x = None
     # needs_input_grad is the same on every rank of an identical model, so either every
     # rank takes this all-reduce or none does.
     if input_needs_grad:
+        torch.addcmul(sum_dy, saved.r_invstd2, sums[1], value=-1, out=sums[0])
         sums = all_reduce(sums)
-        grad_x = torch.empty_like(x) if x.numel() == 0 else backend.backward_elemt(dy, x, saved, sums[0], sums[1])
+        grad_x = torch.empty_like(x) if x.numel() == 0 else backend.backward_elemt(dy, x, saved, sums)
     return grad_x, grad_weight, grad_bias
 
 
@@ -179,9 +171,9 @@ def _to(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     return None if t is None or dtype is None else t.to(dtype)
 
 
-def _check_global_count(total: _stats.GlobalMoments, x: Tensor, layer: str) -> bool:
+def _check_global_count(summed: Tensor, x: Tensor, layer: str) -> bool:
     """Raise torch's error for a global batch of one value per channel; True when it is empty."""
-    count = int(total.num_values.item())
+    count = int(summed[0].item())
     if count == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.size()} on this "
@@ -189,12 +181,3 @@ def _check_global_count(total: _stats.GlobalMoments, x: Tensor, layer: str) -> b
             "global batch, or eval() mode for single samples."
         )
     return count == 0
-
-
-def _update_running_stats(
-    running_mean: Tensor, running_var: Tensor, total: _stats.GlobalMoments, momentum: float
-) -> None:
-    """Exponential (or, with momentum=None, cumulative) average of the GLOBAL statistics, in place."""
-    with torch.no_grad():
-        running_mean.copy_(running_mean.double().lerp_(total.mean, momentum))
-        running_var.copy_(running_var.double().lerp_(_stats.unbiased_var(total), momentum))

@@ -31,6 +31,7 @@ class LocalMoments(NamedTuple):
     sum_dev: Tensor  # (C,) sum of (x - c)
     sum_sq_dev: Tensor  # (C,) sum of (x - c)^2
     deviations: Optional[Tensor]  # x - c laid out like x (statistics dtype), when a kernel kept them
+    zeros: Optional[Tensor] = None  # (C,) zeros of the statistics dtype the native kernels take as "no statistics"
 
 
 class GlobalMoments(NamedTuple):
@@ -88,39 +89,42 @@ def local_moments(x: Tensor, scratch: Optional[Tensor] = None) -> LocalMoments:
     # handled as a (values, C) matrix, like in _kernels; other layouts broadcast a (1, C, 1...) view.
     rows = _kernels.channel_rows(x_acc)
     if rows is not None:
-        shift = rows.sum(0).div_(count)
+        shift = rows.mean(0)
         scratch_rows = None if scratch is None else _kernels.channel_rows(scratch)
         deviation = rows - shift if scratch_rows is None else torch.sub(rows, shift, out=scratch_rows)
         deviations = _kernels.from_rows(deviation, x) if scratch is None else scratch
     else:
         x_acc = x_acc.contiguous()
-        shift = x_acc.sum(reduce_dims(x)).div_(count)
+        shift = x_acc.mean(reduce_dims(x))
         shift_view = _kernels.per_channel(shift, x)
         deviation = x_acc - shift_view if scratch is None else torch.sub(x_acc, shift_view, out=scratch)
         deviations = deviation
-    ones = torch.ones(channels, dtype=dtype, device=x.device)
+    # The eval-mode backward with zero statistics and eps = 1 (so its invstd is exactly 1) gives
+    # sum dy * (x - 0) and sum dy in one pass: with dy = x = deviation, the two sums we need.
+    zeros = torch.zeros(channels, dtype=dtype, device=x.device)
     _, sum_sq_dev, sum_dev = torch.ops.aten.native_batch_norm_backward(
-        deviation, deviation, None, torch.zeros_like(shift), ones, None, None, False, 0.0, [False, True, True]
+        deviation, deviation, None, zeros, zeros, None, None, False, 1.0, [False, True, True]
     )
-    return LocalMoments(count, shift, sum_dev, sum_sq_dev, deviations)
+    return LocalMoments(count, shift, sum_dev, sum_sq_dev, deviations, zeros)
 
 
 def pack_moments(local: LocalMoments, shift: Optional[Tensor] = None) -> Tensor:
     """One float64 buffer ``[n, sum (x-s) (C), sum (x-s)^2 (C)]`` whose sum over ranks merges every rank's moments.
 
     ``s`` is ``shift`` (float64 (C,), the same on every rank; zero when None). Its size, 2C+1,
-    depends on the channel count only, never on the number of ranks.
+    depends on the channel count only, never on the number of ranks. Five small ops (a per-channel
+    kernel does it in one where Triton runs: ``_triton.pack_moments``).
     """
     channels = local.shift.numel()
-    # delta = c - s is small once s is near the mean, so the float64 terms below are small too.
-    delta = local.shift.double() if shift is None else local.shift.double() - shift
-    sum_dev = local.sum_dev.double()
+    n = local.num_values
+    # delta = c - s is small once s is near the mean, so the float64 terms below are small too; every
+    # op below has a float64 operand, so the float32 sums are upcast exactly and summed in float64.
+    delta = local.shift.double() if shift is None else local.shift - shift
     packed = torch.empty(1 + 2 * channels, dtype=torch.float64, device=delta.device)
-    packed[0] = local.num_values
-    torch.add(sum_dev, delta, alpha=local.num_values, out=packed[1 : 1 + channels])
-    # sum (x-s)^2 = sum (x-c)^2 + 2 delta sum (x-c) + n delta^2
-    sum_sq = local.sum_sq_dev.double().addcmul_(delta, sum_dev, value=2).addcmul_(delta, delta, value=local.num_values)
-    packed[1 + channels :] = sum_sq
+    packed[:1].fill_(n)
+    sum_dev = torch.add(local.sum_dev, delta, alpha=n, out=packed[1 : 1 + channels])
+    # sum (x-s)^2 = sum (x-c)^2 + 2 delta sum (x-c) + n delta^2 = sum (x-c)^2 + delta (sum (x-c) + sum (x-s))
+    torch.addcmul(local.sum_sq_dev, delta, sum_dev + local.sum_dev, out=packed[1 + channels :])
     return packed
 
 
@@ -142,3 +146,76 @@ def unpack_moments(summed: Tensor, shift: Optional[Tensor] = None) -> GlobalMome
 def unbiased_var(moments: GlobalMoments) -> Tensor:
     """Variance with Bessel's correction over the GLOBAL count (what running_var tracks)."""
     return moments.var * (moments.num_values / (moments.num_values - 1))
+
+
+class PerChannel(NamedTuple):
+    """The per-channel values of a training step once the global moments are known (statistics dtype).
+
+    What the normalisation and the backward of either backend read; ``finish_statistics`` (aten ops)
+    and ``_triton.finish_statistics`` (one kernel) compute the same values.
+    """
+
+    num_values: Tensor  # float64, one value: the global number of values per channel
+    mean: Tensor  # the global mean m rounded, m32
+    invstd: Tensor  # 1 / sqrt(var + eps)
+    residual: Tensor  # m - m32, rounded
+    r_invstd2: Tensor  # residual * invstd^2 (the backward folds the residual into its sums)
+    alpha: Tensor  # weight * invstd
+    beta: Tensor  # bias - (m - about) * alpha: y = (x - about) * alpha + beta
+    coef: Optional[Tensor]  # (2, C): -(alpha / n) * [1, invstd^2], the backward's per-sum factors (native)
+    int_count: Optional[Tensor]  # int32 (1,): the global count, as batch_norm_backward_elemt takes it (fused)
+    var: Optional[Tensor]  # biased variance, rounded (aten path: the running-statistics update reads it)
+    moments: Optional[Tensor]  # float64 (2, C): global mean and biased variance (aten path only)
+
+
+def finish_statistics(
+    summed: Tensor, shift: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
+    bias: Optional[Tensor], eps: float, dtype: torch.dtype, *, coefficients: bool, int_count: bool,
+) -> PerChannel:
+    """Every per-channel value of the step from the rank-summed buffer of ``pack_moments`` (same ``shift``).
+
+    ``about`` is the per-channel point the normalisation measures from (the native kernels' local
+    shift ``c``); None: the rounded global mean itself (the fused kernels). Only the global mean
+    and variance need float64 (they come from a difference of large sums); everything after is a
+    product or quotient, exact to a few float32 ulps. ``coefficients``: also the native backward's
+    factors; ``int_count``: also the fused backward's int32 count. With a global count of zero the
+    values are NaN; callers check the count first.
+    """
+    channels = (summed.numel() - 1) // 2
+    num_values = summed[0]
+    moments = summed[1:].view(2, channels) / num_values
+    mean, var = moments
+    # Rounding can push a zero variance a hair below zero; a variance is never negative.
+    var.addcmul_(mean, mean, value=-1).clamp_(min=0)
+    if shift is not None:
+        mean.add_(shift)
+    mean_s, var_s = moments.to(dtype)
+    if about is None:
+        residual = offset = (mean - mean_s).to(dtype)
+    else:
+        residual, offset = (mean - torch.stack([mean_s, about])).to(dtype)
+    invstd = (var_s + eps).rsqrt_()
+    alpha = invstd if weight is None else invstd * weight
+    beta = torch.mul(offset, alpha).neg_() if bias is None else torch.addcmul(bias, offset, alpha, value=-1)
+    invstd2 = invstd * invstd
+    coef = None
+    if coefficients:
+        coef = torch.empty(2, channels, dtype=dtype, device=summed.device)
+        torch.div(alpha, num_values, out=coef[0]).neg_()
+        torch.mul(coef[0], invstd2, out=coef[1])
+    count = summed[:1].to(torch.int32) if int_count else None
+    return PerChannel(num_values, mean_s, invstd, residual, residual * invstd2, alpha, beta, coef, count, var_s,
+                      moments)
+
+
+def update_running_statistics(running_mean: Tensor, running_var: Tensor, stats: PerChannel, momentum: float) -> None:
+    """Exponential (momentum=None: cumulative, given as 1/step) average of the GLOBAL statistics, in place.
+
+    The variance is unbiased with the global count. One foreach op for both buffers.
+    """
+    assert stats.var is not None
+    n = stats.num_values
+    unbiased = stats.var * (n / (n - 1))
+    torch._foreach_lerp_(
+        [running_mean, running_var], [stats.mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum
+    )

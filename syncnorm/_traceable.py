@@ -2,9 +2,9 @@
 
 Used only while dynamo traces (``torch.compiler.is_compiling()``); eager code never comes here, so
 eager op counts and speed are those of ``_function.SyncBatchNormFunction``. The math is the eager
-Function's own, shared with it: ``_function.forward_statistics`` (the backend's local moments, their
-float64 merge about the common shift), ``_function.saved_for_backward`` (the rounded mean and its
-residual) and ``_function.backward_gradients``, with the backend ``_backends.choose`` picks
+Function's own, shared with it: ``_function.local_statistics`` (the backend's local moments and
+their packed float64 sums about the common shift), ``_backends.finish_statistics`` (aten ops here),
+``_function.saved_for_backward`` and ``_function.backward_gradients``, with the backend ``_backends.choose`` picks
 (``SYNCNORM_KERNELS``). What differs is only what dynamo needs:
 
 - the collective is ``torch.distributed._functional_collectives.all_reduce`` on a group referred to
@@ -56,8 +56,7 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
     """Training-mode BatchNorm over the batch of every rank of the group ``group_name``.
 
     Returns the output and, as non-differentiable outputs, the global count (float64 scalar), mean
-    and biased variance (float64, (C,)) from which the caller updates the running statistics and
-    the common shift.
+    and biased variance (statistics dtype, (C,)) from which the caller updates the running statistics.
     """
 
     @staticmethod
@@ -72,31 +71,37 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         backend = _backends.choose(x, _missing_fused_ops)
         x = _kernels.keep_layout(x)
-        local, total, invstd = _function.forward_statistics(
-            x, backend, shift, eps, lambda packed: _all_reduce_sum(packed, group_name)
+        local, summed = _function.local_statistics(
+            x, backend, shift, lambda packed: _all_reduce_sum(packed, group_name)
         )
         if _stats.values_per_channel(x) <= 1:
             # A static fact of this rank's shape: the other ranks may have more values, so the check
             # is on the global count, as a tensor (no .item(); every rank checks the same summed value).
             torch._assert_async(
-                total.num_values != 1,
+                summed[0] != 1,
                 "Expected more than 1 value per channel when training, got 1 value per channel over the "
                 "whole process group (syncnorm, compiled). Use a larger global batch, or eval() mode.",
             )
-        saved = _function.saved_for_backward(x, total, invstd, weight)
-        output = backend.normalize(x, local, total.mean, invstd, weight, bias)
-        ctx.save_for_backward(x, saved.weight, saved.mean, saved.invstd, saved.residual, saved.num_values)
+        # aten ops only (inductor fuses them), no state written inside the Function.
+        stats = _backends.finish_statistics(backend, summed, local, shift, weight, bias, eps,
+                                            _stats.statistics_dtype(x), None, None, 0.0, False, triton=False)
+        assert stats.moments is not None
+        saved = _function.saved_for_backward(x, stats, local, weight)
+        output = backend.normalize(x, local, stats, weight)
+        ctx.save_for_backward(x, *saved)
         ctx.backend = backend
         ctx.group_name = group_name
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        ctx.mark_non_differentiable(total.num_values, total.mean, total.var)
-        return output, total.num_values, total.mean, total.var
+        assert stats.var is not None
+        count, mean, var = stats.num_values.clone(), stats.mean.clone(), stats.var.clone()
+        ctx.mark_non_differentiable(count, mean, var)
+        return output, count, mean, var
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor, *_: Any) -> tuple[Optional[Tensor], ...]:
-        x, weight, mean, invstd, residual, count = ctx.saved_tensors
+        x, *saved = ctx.saved_tensors
         grad_x, grad_weight, grad_bias = _function.backward_gradients(
-            ctx.backend, x, _backends.Saved(weight, mean, invstd, residual, count), grad_output,
+            ctx.backend, x, _backends.Saved(*saved), grad_output,
             ctx.needs_input_grad[:3], lambda sums: _all_reduce_sum(sums, ctx.group_name),
         )
         weight_dtype, bias_dtype = ctx.param_dtypes
@@ -139,17 +144,20 @@ def _update_running_stats(
     running_mean: Tensor, running_var: Tensor, count: Tensor, mean: Tensor, var: Tensor, momentum: Momentum,
     local_count: int,
 ) -> None:
-    """The same float64 average as the eager Function's, in place on the buffers (traced as buffer mutations)."""
+    """``_stats.update_running_statistics``' average, in place on the buffers (traced as buffer mutations).
+
+    ``mean`` and ``var`` are the rounded global mean and biased variance (statistics dtype).
+    """
     with torch.no_grad():
-        unbiased = _stats.unbiased_var(_stats.GlobalMoments(count, mean, var))
-        weight = momentum.double() if isinstance(momentum, Tensor) else momentum
-        new_mean = running_mean.double().lerp(mean, weight)
-        new_var = running_var.double().lerp(unbiased, weight)
+        unbiased = var * (count / (count - 1))
+        weight = momentum.to(running_mean.dtype) if isinstance(momentum, Tensor) else momentum
+        new_mean = running_mean.lerp(mean.to(running_mean.dtype), weight)
+        new_var = running_var.lerp(unbiased.to(running_var.dtype), weight)
         if local_count == 0:
             # Only a rank with no values can see an all-empty global batch; that leaves the statistics as they were.
             empty = count == 0
-            new_mean = torch.where(empty, running_mean.double(), new_mean)
-            new_var = torch.where(empty, running_var.double(), new_var)
+            new_mean = torch.where(empty, running_mean, new_mean)
+            new_var = torch.where(empty, running_var, new_var)
         running_mean.copy_(new_mean)
         running_var.copy_(new_var)
 

@@ -183,21 +183,38 @@ def _close_pools() -> None:
             pool.close()
 
 
+# A test's kernel setting: SYNCNORM_KERNELS, and whether the per-channel Triton kernels run (their
+# interpreter on CPU tensors, TRITON_INTERPRET=1, as the kernels run on a GPU). "fused" runs what a GPU
+# runs: torch's fused kernels (CPU stand-ins) and the Triton epilogues; "native" what a CPU runs: aten only.
+KERNEL_SETTINGS = {
+    "native": ("native", None),
+    "fused": ("fused", "1"),
+    "native-triton": ("native", "1"),
+    "fused-aten": ("fused", None),
+}
+
+
 @contextlib.contextmanager
 def use_kernels(kernels: Optional[str]) -> Iterator[None]:
-    """Run the block with ``SYNCNORM_KERNELS=kernels`` (None: as it is), restoring it afterwards."""
+    """Run the block with the kernel setting ``kernels`` (a KERNEL_SETTINGS key; None: as it is), then restore."""
     if kernels is None:
         yield
         return
-    previous = os.environ.get("SYNCNORM_KERNELS")
-    os.environ["SYNCNORM_KERNELS"] = kernels
+    setting = dict(zip(("SYNCNORM_KERNELS", "TRITON_INTERPRET"), KERNEL_SETTINGS[kernels]))
+    previous = {name: os.environ.get(name) for name in setting}
+    for name, value in setting.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ["SYNCNORM_KERNELS"]
-        else:
-            os.environ["SYNCNORM_KERNELS"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def rank() -> int:

@@ -193,6 +193,27 @@ def test_cuda_tensors_over_gloo_match_single_process_batchnorm(world_size: int, 
     check_against_reference(spec, run_on_ranks(world_size, rank_train_steps, spec))
 
 
+# The other two kernel settings, on a representative subset: the native kernels with the Triton
+# per-channel kernels (what SYNCNORM_KERNELS=native runs on a GPU) and the fused kernels with the aten
+# per-channel ops (a GPU without Triton).
+OTHER_SETTINGS_CASES = {
+    "NCHW-W3": ((0, 3, 5, 4), [3, 4, 2], {}),
+    "NC-W2-no-affine": ((0, 5), [4, 3], {"layer_kwargs": {"affine": False}}),
+    "channels_last-bf16-W2": ((0, 3, 4, 4), [2, 3], {"memory_format": "channels_last", "dtype": torch.bfloat16}),
+    "empty-rank-W3": ((0, 3, 4, 4), [0, 4, 2], {}),
+    "momentum-None-W2": ((0, 3, 4), [3, 3], {"layer_kwargs": {"momentum": None}}),
+}
+
+
+@pytest.mark.parametrize("kernels", ["native-triton", "fused-aten"])
+@pytest.mark.parametrize("case", list(OTHER_SETTINGS_CASES))
+def test_other_kernel_settings_match_single_process_batchnorm(case: str, kernels: str) -> None:
+    shape, sizes, options = OTHER_SETTINGS_CASES[case]
+    spec = make_spec(shape, sizes, steps=2, **options)
+    spec["kernels"] = kernels
+    check_against_reference(spec, run_on_ranks(len(sizes), rank_train_steps, spec))
+
+
 @BACKENDS
 @pytest.mark.parametrize("sizes", [[4, 0], [0, 5, 2], [0, 0, 3, 1], [1, 1]],
                          ids=["empty-last", "empty-first", "two-empty", "one-each"])

@@ -30,7 +30,14 @@ class CountOps(TorchDispatchMode):
         self.syncs: list[str] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        name = str(func.name()).split("::")[-1]
+        qualified = str(func.name())
+        name = qualified.split("::")[-1]
+        if qualified.startswith("syncnorm::"):
+            # syncnorm's custom ops (syncnorm/_triton.py) allocate their outputs and launch ONE Triton
+            # kernel: one op. (Under TRITON_INTERPRET=1 the interpreter emulates that kernel with tensor
+            # ops of its own, run here below this mode, so they are not counted as the GPU does not run them.)
+            self.ops.append(name)
+            return func(*args, **(kwargs or {}))
         if any(name.startswith(s) for s in _HOST_SYNCS) or name.endswith("_local_scalar_dense"):
             if name != "index.Tensor" or any(isinstance(a, torch.Tensor) and a.dtype == torch.bool
                                              for a in (args[1] if len(args) > 1 else [])
@@ -66,17 +73,17 @@ def rank_count_ops(layout: str, kernels: str) -> dict[str, Any]:
     return {"forward": forward.ops, "backward": backward.ops, "syncs": forward.syncs + backward.syncs}
 
 
-# (forward, backward) ops as counted on this branch (a regression guard, the maximum over the layouts
-# above; the forward includes the module's num_batches_tracked increment). NOT yet issue 11's targets
-# (fused <= 8 / <= 6, native <= 24 / <= 12): the per-channel prologue and epilogue (packing about the
-# common shift, unpacking, running statistics, the residual corrections) are still ~35 small aten ops,
-# which fused Triton/custom-op epilogues would make 1-2.
-# native backward 24: the zero statistics of the eval-mode batch_norm kernel that replaced a broadcast addcmul
-# in grad_x (one more op, 2.8x faster on channels-first CPU input: _kernels.affine).
-BUDGETS = {"native": (48, 24), "fused": (62, 10)}
+# (forward, backward) ops, the maximum over the layouts above; the forward includes the module's
+# num_batches_tracked increment. "fused" and "native-triton" are what a GPU runs (the per-channel
+# prologue and epilogue as one Triton kernel each, here in Triton's interpreter): issue 11's budgets
+# (fused <= 8 / <= 6, native <= 24 / <= 12). "native" is what a CPU runs: the same per-channel math in
+# aten ops, ~20 small ops in the forward that only a fused kernel makes one (no Triton for CPU tensors
+# outside its interpreter); its forward is above issue 11's 24 (README, performance). "fused-aten" is a
+# GPU without Triton.
+BUDGETS = {"fused": (7, 6), "native-triton": (10, 10), "native": (35, 10), "fused-aten": (45, 6)}
 
 
-@pytest.mark.parametrize("kernels", ["native", "fused"])
+@pytest.mark.parametrize("kernels", list(BUDGETS))
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_training_step_op_budget_and_no_host_sync(layout: str, kernels: str) -> None:
     for report in run_on_ranks(2, rank_count_ops, layout, kernels):
