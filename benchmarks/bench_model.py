@@ -7,9 +7,14 @@ Variants (same initial weights, timed interleaved step by step so background loa
   BatchNorm all-reduces do not queue behind DDP's gradient buckets;
 - optionally (``--compile``) the local and syncnorm models under ``torch.compile`` (``--backend``,
   inductor by default): the syncnorm layers trace whole there, their all-reduces inside the graph,
-  and DDP's DDPOptimizer splits the graph at gradient buckets. ``--compile-only`` keeps just the
-  three rows the torch.compile comparison needs (compiled local BatchNorm, compiled syncnorm, eager
-  syncnorm) plus the eager local baseline.
+  and DDP's DDPOptimizer splits the graph at gradient buckets (``--optimize-ddp no_optimization``:
+  one graph, DDP's reducer as in eager). ``--compile-only`` keeps just the rows the torch.compile
+  comparison needs (compiled local BatchNorm, compiled syncnorm, eager syncnorm, the eager local
+  baseline) and, with ``--compile``, the communication floor: local BatchNorm followed at every layer
+  by syncnorm's two all-reduces of the same sizes and nothing else (eager), so that compiled
+  syncnorm's cost over compiled local BatchNorm can be set beside what its collectives alone cost;
+- ``--no-ddp``: the same models without the DDP wrapper (the layers still synchronise; parameter
+  gradients are not averaged), to see torch.compile without DDP's graph splitting and hooks.
 
 A step is forward + cross-entropy + backward (DDP all-reduces gradients) + SGD step. The table
 shows the slowest rank's median step time (wall, and CPU time of all the rank's threads, which
@@ -18,6 +23,7 @@ leaves out waiting and so is robust to other load) and its ratio to local BatchN
 Run:
     PYTHONPATH=. python benchmarks/bench_model.py --world-size 2 --steps 20
     PYTHONPATH=. python benchmarks/bench_model.py --compile --compile-only --steps 20   # torch.compile rows
+    PYTHONPATH=. python benchmarks/bench_model.py --compile --compile-only --steps 20 --no-ddp
 
 Timing is never asserted anywhere; this only prints.
 """
@@ -33,7 +39,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from bench_layer import join_gloo_world, time_interleaved
+from bench_layer import BareAllReduces, join_gloo_world, time_interleaved
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -68,25 +74,44 @@ def small_resnet(num_classes: int = 10, width: int = 32) -> nn.Module:
     )
 
 
+COMM_FLOOR = "local BatchNorm + syncnorm's all-reduces (comm floor)"
+
+
+def with_bare_all_reduces(model: nn.Module) -> nn.Module:
+    """``model`` with syncnorm's two collectives (bench_layer.BareAllReduces) after every local BatchNorm layer."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, nn.Sequential(child, BareAllReduces(child.num_features)))
+        else:
+            with_bare_all_reduces(child)
+    return model
+
+
 def build_variants(base: nn.Module, compile_too: bool, backend: str = "inductor",
-                   compile_only: bool = False) -> dict[str, nn.Module]:
-    """Every variant as a DDP model with the same initial weights as ``base``."""
+                   compile_only: bool = False, ddp: bool = True) -> dict[str, nn.Module]:
+    """Every variant as a DDP model (``ddp``; else bare) with the same initial weights as ``base``."""
     dedicated = dist.new_group(list(range(dist.get_world_size())))  # created once, same ranks
     plain: dict[str, Callable[[], nn.Module]] = {
         "local BatchNorm": lambda: copy.deepcopy(base),
         "local BatchNorm (A/A)": lambda: copy.deepcopy(base),
         "syncnorm": lambda: syncnorm.convert_model(copy.deepcopy(base)),
         "syncnorm, dedicated stats group": lambda: syncnorm.convert_model(copy.deepcopy(base), dedicated),
+        COMM_FLOOR: lambda: with_bare_all_reduces(copy.deepcopy(base)),
     }
     if compile_only:
-        plain = {name: plain[name] for name in ("local BatchNorm", "syncnorm")}
-    models: dict[str, nn.Module] = {name: DistributedDataParallel(make()) for name, make in plain.items()}
+        plain = {name: plain[name] for name in ("local BatchNorm", "syncnorm", COMM_FLOOR)}
+    elif not compile_too:
+        del plain[COMM_FLOOR]
+
+    def wrap(model: nn.Module) -> nn.Module:
+        return DistributedDataParallel(model) if ddp else model
+
+    models: dict[str, nn.Module] = {name: wrap(make()) for name, make in plain.items()}
     if compile_too:
-        local = DistributedDataParallel(copy.deepcopy(base))
-        models["local BatchNorm, compiled"] = torch.compile(local, backend=backend)  # type: ignore[assignment]
-        synced = syncnorm.convert_model(copy.deepcopy(base))
+        models["local BatchNorm, compiled"] = torch.compile(  # type: ignore[assignment]
+            wrap(copy.deepcopy(base)), backend=backend)
         models["syncnorm, compiled"] = torch.compile(  # type: ignore[assignment]
-            DistributedDataParallel(synced), backend=backend)
+            wrap(syncnorm.convert_model(copy.deepcopy(base))), backend=backend)
     return models
 
 
@@ -106,9 +131,11 @@ def time_step(
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: Any) -> None:
     join_gloo_world(rank, world, port, timeout_s=300)
+    if args.compile:
+        torch._dynamo.config.optimize_ddp = args.optimize_ddp
     torch.manual_seed(0)
     base = small_resnet(width=args.width)
-    models = build_variants(base, args.compile, args.backend, args.compile_only)
+    models = build_variants(base, args.compile, args.backend, args.compile_only, not args.no_ddp)
     torch.manual_seed(1 + rank)
     x = torch.randn(args.batch, 3, args.size, args.size)
     target = torch.randint(0, 10, (args.batch,))
@@ -139,6 +166,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
     parser.add_argument("--compile-only", action="store_true",
                         help="with --compile: only local BatchNorm, syncnorm and their compiled rows")
+    parser.add_argument("--optimize-ddp", default="ddp_optimizer", choices=["ddp_optimizer", "no_optimization"],
+                        help="torch._dynamo.config.optimize_ddp of the compiled rows: split the graph at DDP's "
+                             "buckets (torch's default), or compile whole and let DDP's reducer run as in eager")
+    parser.add_argument("--no-ddp", action="store_true",
+                        help="models without the DDP wrapper (parameter gradients not averaged; the layers still sync)")
     parser.add_argument("--timeout", type=float, default=1200.0)
     args = parser.parse_args(argv)
 
@@ -158,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                 p.kill()
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, load average after {os.getloadavg()[0]:.1f}; "
           f"W={args.world_size} Gloo ranks, 1 thread each, "
-          f"DDP; small ResNet (width {args.width}, 13 BN layers), batch {args.batch}x3x{args.size}x{args.size} "
+          f"{'no DDP' if args.no_ddp else 'DDP'}; "
+          f"small ResNet (width {args.width}, 13 BN layers), batch {args.batch}x3x{args.size}x{args.size} "
           f"per rank; {args.warmup} warm-up + {args.steps} timed steps, variants interleaved")
     print("| variant | wall ms / step (slowest rank's median) | ratio | CPU ms / step (rank's threads) | ratio |")
     print("|---|---|---|---|---|")
@@ -167,9 +200,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {ms:.1f} | {ms / base_wall:.2f}x | {cpu_ms:.1f} | {cpu_ms / base_cpu:.2f}x |")
     if args.compile:
         compiled_cpu = rows["syncnorm, compiled"][1]
-        print(f"CPU time (backend {args.backend}): compiled syncnorm / compiled local BatchNorm = "
-              f"{compiled_cpu / rows['local BatchNorm, compiled'][1]:.2f}x; compiled syncnorm / eager syncnorm = "
-              f"{compiled_cpu / rows['syncnorm'][1]:.2f}x")
+        compiled_local_cpu = rows["local BatchNorm, compiled"][1]
+        comm_cpu = rows[COMM_FLOOR][1] - base_cpu
+        print(f"CPU time (backend {args.backend}, optimize_ddp={args.optimize_ddp}): compiled syncnorm / compiled "
+              f"local BatchNorm = {compiled_cpu / compiled_local_cpu:.2f}x; compiled syncnorm / eager syncnorm = "
+              f"{compiled_cpu / rows['syncnorm'][1]:.2f}x; compiled syncnorm - compiled local BatchNorm = "
+              f"{compiled_cpu - compiled_local_cpu:.1f} ms, of which syncnorm's all-reduces alone (comm floor - "
+              f"local BatchNorm) {comm_cpu:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # others skip the host sync. Every rank of such a batch takes the same branch: a global
         # count of 1 raises on all of them (before any state changes), and none is left waiting in a collective.
         # An all-empty global batch leaves the running statistics (and the shift) as they were, as BatchNorm does.
-        update = not (local_count <= 1 and _check_global_count(summed, x, layer))
+        update = not (local_count <= 1 and check_global_count(summed, x.size(), layer))
         track = update and running_mean is not None and running_var is not None
         stats = _backends.finish_statistics(
             backend, summed, local, shift, weight, bias, eps, _stats.statistics_dtype(x),
@@ -171,12 +171,16 @@ def _to(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     return None if t is None or dtype is None else t.to(dtype)
 
 
-def _check_global_count(summed: Tensor, x: Tensor, layer: str) -> bool:
-    """Raise torch's error for a global batch of one value per channel; True when it is empty."""
+def check_global_count(summed: Tensor, local_size: Any, layer: str) -> bool:
+    """Raise torch's error for a global batch of one value per channel; True when it is empty.
+
+    ``summed`` is the rank-summed statistics buffer (its first value the global count), ``local_size``
+    this rank's input size, for the message. One host sync: only for ranks of at most one value per channel.
+    """
     count = int(summed[0].item())
     if count == 1:
         raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {x.size()} on this "
+            f"Expected more than 1 value per channel when training, got input size {local_size} on this "
             f"rank and 1 value per channel over the whole process group ({layer}). Use a larger "
             "global batch, or eval() mode for single samples."
         )

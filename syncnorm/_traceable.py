@@ -10,9 +10,10 @@ their packed float64 sums about the common shift), ``_backends.finish_statistics
 - the collective is ``torch.distributed._functional_collectives.all_reduce`` on a group referred to
   by its name (a ``str``): it traces as ``_c10d_functional.all_reduce`` + ``wait_tensor`` in the FX
   graph, where a ProcessGroup object passed to an autograd.Function would break the graph;
-- no host synchronisation: the global-count check is a tensor assertion (``torch._assert_async``),
-  emitted only where the *static* local shape has at most one value per channel (only such a rank
-  can be part of a global batch of one value per channel), so ordinary layers carry no check;
+- the global-count check is the custom op ``syncnorm::check_global_count`` (the eager check, with its
+  ``ValueError`` and its one host sync), emitted only where the *static* local shape has at most one
+  value per channel, as eager does it only there (only such a rank can be part of a global batch of one
+  value per channel); ordinary layers carry no check and no host synchronisation;
 - no side effects inside the Function: it returns the global count, mean and variance as
   non-differentiable outputs, and the running statistics are updated by in-place ops on the
   buffers after it (AOTAutograd functionalises them and writes them back at the end of the graph);
@@ -52,6 +53,21 @@ def _missing_fused_ops_on(device_type: str) -> tuple[str, ...]:
     return tuple(_backends.missing_fused_ops(torch.device(device_type)))
 
 
+@torch.library.custom_op("syncnorm::check_global_count", mutates_args=())
+def _checked_global_count(summed: Tensor, local_size: str, layer: str) -> Tensor:
+    """``summed`` (a copy) after the eager check of its global count: ``ValueError`` for one value per channel.
+
+    A custom op, so that the graph keeps it (its output feeds the statistics) and runs the eager check.
+    """
+    _function.check_global_count(summed, local_size, layer)
+    return summed.clone()
+
+
+@_checked_global_count.register_fake
+def _(summed: Tensor, local_size: str, layer: str) -> Tensor:
+    return torch.empty_like(summed)
+
+
 class TraceableSyncBatchNormFunction(torch.autograd.Function):
     """Training-mode BatchNorm over the batch of every rank of the group ``group_name``.
 
@@ -68,6 +84,7 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
         shift: Optional[Tensor],
         eps: float,
         group_name: Optional[str],
+        layer: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         backend = _backends.choose(x, _missing_fused_ops)
         x = _kernels.keep_layout(x)
@@ -75,13 +92,9 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
             x, backend, shift, lambda packed: _all_reduce_sum(packed, group_name)
         )
         if _stats.values_per_channel(x) <= 1:
-            # A static fact of this rank's shape: the other ranks may have more values, so the check
-            # is on the global count, as a tensor (no .item(); every rank checks the same summed value).
-            torch._assert_async(
-                summed[0] != 1,
-                "Expected more than 1 value per channel when training, got 1 value per channel over the "
-                "whole process group (syncnorm, compiled). Use a larger global batch, or eval() mode.",
-            )
+            # A static fact of this rank's shape: the other ranks may have more values, so the check is
+            # on the global count (every rank checks the same summed value, so all raise or none does).
+            summed = _checked_global_count(summed, str(x.size()), layer)
         # aten ops only (inductor fuses them), no state written inside the Function.
         stats = _backends.finish_statistics(backend, summed, local, shift, weight, bias, eps,
                                             _stats.statistics_dtype(x), None, None, 0.0, False, triton=False)
@@ -105,7 +118,7 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
             ctx.needs_input_grad[:3], lambda sums: _all_reduce_sum(sums, ctx.group_name),
         )
         weight_dtype, bias_dtype = ctx.param_dtypes
-        return grad_x, _to(grad_weight, weight_dtype), _to(grad_bias, bias_dtype), None, None, None
+        return grad_x, _to(grad_weight, weight_dtype), _to(grad_bias, bias_dtype), None, None, None, None
 
 
 def _to(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
@@ -122,6 +135,7 @@ def sync_batch_norm(
     eps: float,
     group_name: Optional[str],
     shift: Optional[Tensor] = None,
+    layer: str = "syncnorm.sync_batch_norm",
 ) -> Tensor:
     """Training-mode batch norm over the group ``group_name`` (None: this rank alone), traceable whole.
 
@@ -133,7 +147,8 @@ def sync_batch_norm(
     (observed on torch 2.14 with tests/test_compile.py when the shift was updated in place here).
     So a compiled layer merges about the shift its eager training steps left (zero for a fresh layer).
     """
-    output, count, mean, var = TraceableSyncBatchNormFunction.apply(input, weight, bias, shift, eps, group_name)
+    output, count, mean, var = TraceableSyncBatchNormFunction.apply(
+        input, weight, bias, shift, eps, group_name, layer)
     local_count = _stats.values_per_channel(input)
     if running_mean is not None and running_var is not None:
         _update_running_stats(running_mean, running_var, count, mean, var, momentum, local_count)

@@ -300,7 +300,8 @@ def sync_batch_norm(
         from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
 
         return _traceable.sync_batch_norm(
-            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group), shift
+            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group), shift,
+            layer,
         )
     if group is None or not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]

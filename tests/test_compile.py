@@ -477,3 +477,69 @@ def test_validation_mode_under_compile_is_the_one_documented_graph_break() -> No
         assert report["graph_breaks"] >= 1
 
 
+
+
+def rank_compiled_autograd(x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
+    """The small model compiled (fullgraph) with its backward traced by compiled autograd, vs eager."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_module = _model("small", synced=True)
+    eager_module = copy.deepcopy(compiled_module)
+    graphs: dict[str, list[Any]] = {"forward": [], "backward": []}
+    backend = inspecting_backend(graphs)
+    compiled = torch.compile(compiled_module, backend=backend, fullgraph=True)
+    with compiled_autograd._enable(torch.compile(backend=backend, fullgraph=True)):
+        ours = _train(compiled, compiled_module, x, dy, "small")
+    report = {"compiled": ours, "eager": _train(eager_module, eager_module, x, dy, "small"), "graphs": graphs,
+              "graph_breaks": dict(counters["graph_break"]), "group_name": torch.distributed.group.WORLD.group_name,
+              "compiled_autograd": dict(counters["compiled_autograd"])}
+    torch._dynamo.reset()
+    return report
+
+
+def test_compiled_autograd_trains_like_eager_and_like_one_process() -> None:
+    """torch._dynamo.compiled_autograd traces the layer's backward (its all-reduce included) into one graph."""
+    x, dy = _data()
+    reports = run_on_ranks(2, rank_compiled_autograd, x, dy, timeout=COMPILE_TIMEOUT_S)
+    _check_against_eager_and_reference(reports, _reference("small", x, dy))
+    for report in reports:
+        group = report["group_name"]
+        # Compiled autograd captures the backward once (reused at step 2) as one more forward-only graph, with
+        # the layer's backward all-reduce inside it: training forward, backward, eval forward; no graph break.
+        assert report["compiled_autograd"]["captures"] == 1, report["compiled_autograd"]
+        assert report["graphs"]["forward"] == [[(9, group)], [(8, group)], []]
+        assert report["graphs"]["backward"] == []
+        assert report["graph_breaks"] == {}
+        assert report["compiled"]["collectives"] == {"forward": [], "backward": []}
+
+
+def rank_global_batch_of_one() -> dict[str, Any]:
+    """Rank 0 holds one sample, rank 1 none: one value per channel over the group, under fullgraph compile."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = syncnorm.SyncBatchNorm(3).double()
+    before = {n: b.clone() for n, b in layer.named_buffers()}
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    rank = torch.distributed.get_rank()
+    error: tuple[str, str] | None = None
+    try:
+        compiled(torch.randn(1 - rank, 3, dtype=torch.float64))
+    except Exception as e:  # noqa: BLE001 - the test inspects the type
+        error = (type(e).__name__, str(e))
+    unchanged = all(torch.equal(b, before[n]) for n, b in layer.named_buffers())
+    # The group is still usable: a valid step after the error completes on both ranks.
+    y = compiled(torch.randn(2 + rank, 3, dtype=torch.float64))
+    torch._dynamo.reset()
+    return {"error": error, "unchanged": unchanged, "after": (y.shape, int(layer.num_batches_tracked))}
+
+
+def test_global_batch_of_one_value_raises_on_every_rank_under_compile() -> None:
+    for rank, report in enumerate(run_on_ranks(2, rank_global_batch_of_one, timeout=COMPILE_TIMEOUT_S)):
+        assert report["error"] is not None, rank
+        kind, message = report["error"]
+        assert kind == "ValueError" and "Expected more than 1 value per channel" in message, report["error"]
+        assert report["unchanged"], "a failed step changed the layer's buffers"
+        assert report["after"] == (torch.Size([2 + rank, 3]), 1)
