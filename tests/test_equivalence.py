@@ -57,6 +57,8 @@ def _train_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
             bn.bias.copy_(spec["bias"])
             bn.bias.requires_grad_(not spec.get("frozen", False))
     bn.train(spec.get("mode", "train") != "eval")
+    # "compile": a torch.compile backend; the layer then runs compiled, fullgraph (the traceable path).
+    layer = torch.compile(bn, backend=spec["compile"], fullgraph=True) if spec.get("compile") else bn
     reports = []
     for step in spec["steps"]:
         x = _layout(my_slice(step["x"], step["sizes"]).to(device), spec.get("memory_format", "contiguous"))
@@ -67,9 +69,9 @@ def _train_steps(spec: dict[str, Any]) -> list[dict[str, Any]]:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("autocast", False)):
             if spec.get("no_grad"):
                 with torch.no_grad():
-                    y = bn(x)
+                    y = layer(x)
             else:
-                y = bn(x)
+                y = layer(x)
         forward_calls = list(COLLECTIVES.calls)
         COLLECTIVES.reset()
         report: dict[str, Any] = {"y": y.detach().clone(), "y_channels_last": _is_channels_last(y),
@@ -423,6 +425,16 @@ def test_distributed_data_parallel_gradients_equal_single_process() -> None:
 
 @BACKENDS
 def test_large_mean_small_spread_is_as_exact_as_float32_allows(kernels: str) -> None:
+    """mean 1e4, std 1e-2 float32 data against the float64 reference (see ``_check_large_mean_small_spread``)."""
+    _check_large_mean_small_spread(kernels)
+
+
+def test_large_mean_small_spread_is_as_exact_as_float32_allows_under_compile() -> None:
+    """The same bounds for a layer compiled whole with inductor (it merges about a zero shift: README)."""
+    _check_large_mean_small_spread("native", compile_backend="inductor")
+
+
+def _check_large_mean_small_spread(kernels: str, compile_backend: Optional[str] = None) -> None:
     """mean 1e4, std 1e-2 float32 data against the float64 reference.
 
     Statistics: no worse than torch's own float32 BatchNorm on the whole batch (float32 sums of x and
@@ -437,8 +449,11 @@ def test_large_mean_small_spread_is_as_exact_as_float32_allows(kernels: str) -> 
     dy = torch.randn(x.shape, generator=generator)
     weight = torch.rand(3, generator=generator) + 0.5
     spec = {"channels": 3, "steps": [{"x": x, "dy": dy, "sizes": sizes}], "weight": weight,
-            "bias": torch.randn(3, generator=generator), "layer_kwargs": {}, "kernels": kernels}
+            "bias": torch.randn(3, generator=generator), "layer_kwargs": {}, "kernels": kernels,
+            "compile": compile_backend}
     reports = run_on_ranks(3, rank_train_steps, spec)
+    if compile_backend:  # compiled whole: no collective ran eagerly, the all-reduce is inside the graph
+        assert all(r[0]["forward_calls"] == [] for r in reports)
     reference = reference_step(reference_module(4, 3, {}, spec["weight"], spec["bias"]), x, dy)
     torch_own = reference_step(torch.nn.BatchNorm2d(3), x, dy, torch.float32)  # float32, one process
     for key in ("running_mean", "running_var"):
