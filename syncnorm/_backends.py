@@ -19,8 +19,9 @@ the default. ``fused`` needs the four kernels for the input's device (CUDA has t
 tests register stand-ins, tests/fused_cpu.py).
 
 Around the all-reduce both backends do the same per-channel work: pack the local moments about the
-common shift (``_stats.pack_moments``), and from the summed buffer compute every per-channel value of
-the step (``finish_statistics``: ``_stats.finish_statistics`` and the running statistics). Where Triton
+layer's candidate shifts (``_stats.pack_moments``, ``_shift``), and from the summed buffer compute every
+per-channel value of the step (``finish_statistics``: ``_stats.finish_statistics``, the running
+statistics and the next candidates). Where Triton
 runs (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) each side is one kernel (``_triton``), else
 ~5 and ~20 aten ops. Per training step, ops dispatched (tests/test_op_counts.py asserts them):
 
@@ -80,19 +81,19 @@ class Backend(NamedTuple):
     """One implementation of the per-element work; see the module docstring."""
 
     name: str
-    # (local moments, packed float64 buffer about the common shift) of this rank's x
-    local_packed: Callable[[Tensor, Optional[Tensor], Optional[Tensor]], tuple[_stats.LocalMoments, Tensor]]
+    # this rank's moments of x (the second argument: a scratch buffer laid out like x, or None)
+    local_moments: Callable[[Tensor, Optional[Tensor]], _stats.LocalMoments]
+    # the float64 buffer of those moments about K candidate shifts (K, C), or about zero (None)
+    pack: Callable[[_stats.LocalMoments, Optional[Tensor]], Tensor]
     normalize: Callable[[Tensor, _stats.LocalMoments, _stats.PerChannel, Optional[Tensor]], Tensor]
     backward_reduce: Callable[[Tensor, Tensor, Saved], tuple[Tensor, Tensor]]
     backward_elemt: Callable[[Tensor, Tensor, Saved, Tensor], Tensor]
 
 
-def _native_local_packed(x: Tensor, scratch: Optional[Tensor], common: Optional[Tensor]
-                         ) -> tuple[_stats.LocalMoments, Tensor]:
-    local = _stats.local_moments(x, scratch)
-    if _triton.usable(x.device):
-        return local, _triton.pack_moments(local, common)
-    return local, _stats.pack_moments(local, common)
+def _native_pack(local: _stats.LocalMoments, shifts: Optional[Tensor]) -> Tensor:
+    if _triton.usable(local.shift.device):
+        return _triton.pack_moments(local, shifts)
+    return _stats.pack_moments(local, shifts)
 
 
 def _native_normalize(x: Tensor, local: _stats.LocalMoments, stats: _stats.PerChannel,
@@ -114,31 +115,35 @@ def _native_backward_elemt(dy: Tensor, x: Tensor, saved: Saved, sums: Tensor) ->
     return _kernels.backward_elemt(dy, x, saved.mean, saved.alpha, slope, constant, saved.zeros)
 
 
-NATIVE = Backend("native", _native_local_packed, _native_normalize, _native_backward_reduce, _native_backward_elemt)
+NATIVE = Backend("native", _stats.local_moments, _native_pack, _native_normalize, _native_backward_reduce,
+                 _native_backward_elemt)
 
 
-def _fused_local_packed(x: Tensor, scratch: Optional[Tensor], common: Optional[Tensor]
-                        ) -> tuple[_stats.LocalMoments, Tensor]:
+def _fused_local_moments(x: Tensor, scratch: Optional[Tensor]) -> _stats.LocalMoments:
     count = _stats.values_per_channel(x)
     if count == 0:
-        local = _stats.empty_moments(x)
-        return local, _stats.pack_moments(local, common)
+        return _stats.empty_moments(x)
     # One fused Welford kernel: a rounded mean c = m32 and the variance about the exact mean.
     mean, invstd = torch.batch_norm_stats(x, _TINY_EPS)
     # The rounding e = mean - c of a large mean is a large fraction of a small spread. The reduce
     # kernel with dy = x gives S = sum x (x - c) = n var + n e^2 + c n e, so n e = (S - n var) / c,
     # with an error of about eps * n * std whatever the mean (x (x - c) is formed exactly enough).
     _, moment, _, _ = torch.batch_norm_backward_reduce(x, x, mean, invstd, None, True, False, False)
-    if _triton.usable(x.device):
-        return (_stats.LocalMoments(count, mean, mean, mean, None),
-                _triton.pack_welford_moments(mean, invstd, moment, count, common, _TINY_EPS))
+    if _triton.usable(x.device):  # the pack kernel turns (invstd, moment) into the sums itself
+        return _stats.LocalMoments(count, mean, invstd, moment, None, welford=True)
     var = invstd.double().pow(-2).sub_(_TINY_EPS).clamp_(min=0)
     mean64 = mean.double()
     sum_dev = (moment.double() - var * count) / mean64
     sum_dev = torch.where(mean64.abs() > var.sqrt(), sum_dev, 0.0)  # a small mean rounds to a tiny error
     sum_sq_dev = var.mul_(count).addcmul_(sum_dev, sum_dev, value=1 / count)
-    local = _stats.LocalMoments(count, mean, sum_dev, sum_sq_dev, None)
-    return local, _stats.pack_moments(local, common)
+    return _stats.LocalMoments(count, mean, sum_dev, sum_sq_dev, None)
+
+
+def _fused_pack(local: _stats.LocalMoments, shifts: Optional[Tensor]) -> Tensor:
+    if local.welford:
+        return _triton.pack_welford_moments(local.shift, local.sum_dev, local.sum_sq_dev, local.num_values, shifts,
+                                            _TINY_EPS)
+    return _stats.pack_moments(local, shifts)
 
 
 def _fused_normalize(x: Tensor, local: _stats.LocalMoments, stats: _stats.PerChannel,
@@ -165,32 +170,31 @@ def _fused_backward_elemt(dy: Tensor, x: Tensor, saved: Saved, sums: Tensor) -> 
     )
 
 
-FUSED = Backend("fused", _fused_local_packed, _fused_normalize, _fused_backward_reduce, _fused_backward_elemt)
+FUSED = Backend("fused", _fused_local_moments, _fused_pack, _fused_normalize, _fused_backward_reduce,
+                _fused_backward_elemt)
 
 
 def finish_statistics(
-    backend: Backend, summed: Tensor, local: _stats.LocalMoments, shift: Optional[Tensor], weight: Optional[Tensor],
+    backend: Backend, summed: Tensor, local: _stats.LocalMoments, shifts: Optional[Tensor], weight: Optional[Tensor],
     bias: Optional[Tensor], eps: float, dtype: torch.dtype, running_mean: Optional[Tensor],
-    running_var: Optional[Tensor], momentum: float, update_shift: bool, triton: bool = True,
+    running_var: Optional[Tensor], momentum: float, next_shifts: Optional[Tensor], triton: bool = True,
 ) -> _stats.PerChannel:
-    """The step's per-channel values from the summed buffer; updates the running statistics and the shift.
+    """The step's per-channel values from the summed buffer; updates the running statistics and the candidates.
 
+    ``shifts``: the candidate shifts the buffer was packed about (``_stats.finish_statistics``);
     ``running_mean``/``running_var`` None: no update (also when the global batch is empty);
-    ``update_shift``: write the global mean into ``shift``. One Triton kernel where it runs
+    ``next_shifts``: where the next candidates go (None: nowhere). One Triton kernel where it runs
     (``triton`` False: always aten, e.g. while dynamo traces), else ``_stats``' aten ops.
     """
     native = backend is NATIVE
     about = local.shift if native else None
     if triton and _triton.usable(summed.device):
-        return _triton.finish_statistics(summed, shift, about, weight, bias, eps, dtype, running_mean, running_var,
-                                         momentum, update_shift)
-    stats = _stats.finish_statistics(summed, shift, about, weight, bias, eps, dtype,
-                                     coefficients=native, int_count=not native)
+        return _triton.finish_statistics(summed, shifts, about, weight, bias, eps, dtype, running_mean, running_var,
+                                         momentum, next_shifts, local.shift.numel())
+    stats = _stats.finish_statistics(summed, shifts, about, weight, bias, eps, dtype,
+                                     coefficients=native, int_count=not native, next_shifts=next_shifts)
     if running_mean is not None and running_var is not None:
         _stats.update_running_statistics(running_mean, running_var, stats, momentum)
-    if update_shift and shift is not None:
-        assert stats.moments is not None
-        shift.copy_(stats.moments[0])
     return stats
 
 

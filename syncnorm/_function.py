@@ -1,7 +1,8 @@
 """The autograd Function of a synchronised BatchNorm in training mode.
 
 Reads like shared/DESIGN-NOTES.md section 1. Forward: local moments, ONE all-reduce of a
-(2C+1)-value float64 buffer, normalise with the global statistics. Backward: local gradient
+(4C+1)-value float64 buffer (sums about the layer's two candidate shifts, ``_shift``; a step whose
+cache is unknown takes two of 2C+1 values instead), normalise with the global statistics. Backward: local gradient
 sums, ONE all-reduce of the 2C sums, then the input gradient with the global sums. The
 per-element work is the backend's (``_backends``: ``native`` or ``fused``), chosen once per call.
 """
@@ -13,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _backends, _comm, _kernels, _stats
+from . import _backends, _comm, _kernels, _shift, _stats
 from ._errors import SyncNormError
 
 
@@ -32,7 +33,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         momentum: float,
         group: _comm.ProcessGroup,
         layer: str,
-        shift: Optional[Tensor] = None,
+        cache: Optional[_shift.MergeShift] = None,
+        update_cache: bool = True,
     ) -> Tensor:
         backend = _backends.choose(x)
         x = _kernels.keep_layout(x)
@@ -42,17 +44,23 @@ class SyncBatchNormFunction(torch.autograd.Function):
             _comm.all_reduce_sum(packed, group, layer, "batch statistics")
             return packed
 
-        local, summed = local_statistics(x, backend, shift, all_reduce)
+        known = None if cache is None else cache.shifts
+        local, summed, shifts = merged_statistics(x, backend, known, all_reduce)
         # Only a rank with at most one local value can be part of a global count <= 1, so the
         # others skip the host sync. Every rank of such a batch takes the same branch: a global
         # count of 1 raises on all of them (before any state changes), and none is left waiting in a collective.
-        # An all-empty global batch leaves the running statistics (and the shift) as they were, as BatchNorm does.
+        # An all-empty global batch leaves the running statistics and the cache as they were, as BatchNorm does.
         update = not (local_count <= 1 and check_global_count(summed, x.size(), layer))
         track = update and running_mean is not None and running_var is not None
+        next_shifts = None
+        if cache is not None and update and update_cache:  # in place when known; a new tensor otherwise
+            next_shifts = known if known is not None else _shift.new_candidates(x.shape[1], x.device)
         stats = _backends.finish_statistics(
-            backend, summed, local, shift, weight, bias, eps, _stats.statistics_dtype(x),
-            running_mean if track else None, running_var if track else None, momentum, update and shift is not None,
+            backend, summed, local, shifts, weight, bias, eps, _stats.statistics_dtype(x),
+            running_mean if track else None, running_var if track else None, momentum, next_shifts,
         )
+        if cache is not None and known is None and next_shifts is not None:
+            cache.shifts = next_shifts
         saved = saved_for_backward(x, stats, local, weight)
         ctx.save_for_backward(x, *saved)
         ctx.backend = backend
@@ -71,22 +79,25 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return grads
 
 
-def local_statistics(
-    x: Tensor, backend: _backends.Backend, shift: Optional[Tensor], all_reduce: Callable[[Tensor], Tensor],
-) -> tuple[_stats.LocalMoments, Tensor]:
-    """This rank's moments and the rank-summed (2C+1) float64 buffer: ONE ``all_reduce``.
+def merged_statistics(
+    x: Tensor, backend: _backends.Backend, shifts: Optional[Tensor], all_reduce: Callable[[Tensor], Tensor],
+) -> tuple[_stats.LocalMoments, Tensor, Tensor]:
+    """This rank's moments, the rank-summed float64 buffer of every rank's moments, and the shifts it is about.
 
-    Shared by the eager Function and the traceable one (``_traceable``): ``all_reduce`` returns the
-    rank-summed buffer (eager: the same tensor, summed in place; traced: a functional collective's
-    result). ``x`` is already in a layout the kernels keep (``_kernels.keep_layout``).
+    ``shifts`` known (the layer's cached candidates, ``_shift``): ONE ``all_reduce`` of ``4C + 1``
+    values. Unknown (None): TWO, the global mean first, then the sums about it (``2C + 1`` values
+    each), exact whatever the data. Every rank takes the same branch: the cache's state is the same on
+    every rank. Shared by the eager Function and the traceable one (``_traceable``): ``all_reduce``
+    returns the rank-summed buffer (eager: the same tensor, summed in place; traced: a functional
+    collective's result). ``x`` is already in a layout the kernels keep (``_kernels.keep_layout``).
     """
     # The output buffer first holds the deviations of the local moments, then the output: one
     # activation-sized allocation per forward, as in local BatchNorm (fresh pages are costly).
     scratch = torch.empty_like(x) if x.dtype == _stats.statistics_dtype(x) and backend is _backends.NATIVE else None
-    # ``shift`` is the same on every rank (the layer's previous global mean), so the sums about it merge.
-    common = None if shift is None else shift.to(device=x.device, dtype=torch.float64)
-    local, packed = backend.local_packed(x, scratch, common)
-    return local, all_reduce(packed)
+    local = backend.local_moments(x, scratch)
+    if shifts is None:
+        shifts = _stats.global_mean_shift(all_reduce(backend.pack(local, None)))
+    return local, all_reduce(backend.pack(local, shifts)), shifts
 
 
 def saved_for_backward(
@@ -113,7 +124,7 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
                                all_reduce)
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (grads[0], _to(grads[1], weight_dtype), _to(grads[2], bias_dtype),
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 def backward_gradients(

@@ -2,8 +2,8 @@
 
 Used only while dynamo traces (``torch.compiler.is_compiling()``); eager code never comes here, so
 eager op counts and speed are those of ``_function.SyncBatchNormFunction``. The math is the eager
-Function's own, shared with it: ``_function.local_statistics`` (the backend's local moments and
-their packed float64 sums about the common shift), ``_backends.finish_statistics`` (aten ops here),
+Function's own, shared with it: ``_function.merged_statistics`` (the backend's local moments and
+their packed float64 sums about the layer's candidate shifts), ``_backends.finish_statistics`` (aten ops here),
 ``_function.saved_for_backward`` and ``_function.backward_gradients``, with the backend ``_backends.choose`` picks
 (``SYNCNORM_KERNELS``). What differs is only what dynamo needs:
 
@@ -18,7 +18,7 @@ their packed float64 sums about the common shift), ``_backends.finish_statistics
   non-differentiable outputs, and the running statistics are updated by in-place ops on the
   buffers after it (AOTAutograd functionalises them and writes them back at the end of the graph);
   the momentum may be a 0-dim tensor (``momentum=None``: ``1 / num_batches_tracked`` without ``.item()``);
-- the common shift is read, not updated (``sync_batch_norm`` says why).
+- the merge cache (``_shift``) is read, not updated (``sync_batch_norm`` says why).
 """
 
 from __future__ import annotations
@@ -81,23 +81,23 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
         x: Tensor,
         weight: Optional[Tensor],
         bias: Optional[Tensor],
-        shift: Optional[Tensor],
+        shifts: Optional[Tensor],
         eps: float,
         group_name: Optional[str],
         layer: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         backend = _backends.choose(x, _missing_fused_ops)
         x = _kernels.keep_layout(x)
-        local, summed = _function.local_statistics(
-            x, backend, shift, lambda packed: _all_reduce_sum(packed, group_name)
+        local, summed, shifts = _function.merged_statistics(
+            x, backend, shifts, lambda packed: _all_reduce_sum(packed, group_name)
         )
         if _stats.values_per_channel(x) <= 1:
             # A static fact of this rank's shape: the other ranks may have more values, so the check is
             # on the global count (every rank checks the same summed value, so all raise or none does).
             summed = _checked_global_count(summed, str(x.size()), layer)
         # aten ops only (inductor fuses them), no state written inside the Function.
-        stats = _backends.finish_statistics(backend, summed, local, shift, weight, bias, eps,
-                                            _stats.statistics_dtype(x), None, None, 0.0, False, triton=False)
+        stats = _backends.finish_statistics(backend, summed, local, shifts, weight, bias, eps,
+                                            _stats.statistics_dtype(x), None, None, 0.0, None, triton=False)
         assert stats.moments is not None
         saved = _function.saved_for_backward(x, stats, local, weight)
         output = backend.normalize(x, local, stats, weight)
@@ -134,21 +134,23 @@ def sync_batch_norm(
     momentum: Momentum,
     eps: float,
     group_name: Optional[str],
-    shift: Optional[Tensor] = None,
+    shifts: Optional[Tensor] = None,
     layer: str = "syncnorm.sync_batch_norm",
 ) -> Tensor:
     """Training-mode batch norm over the group ``group_name`` (None: this rank alone), traceable whole.
 
-    ``shift`` (float64 (C,), the same on every rank) is the common shift of the float64 merge. Unlike
-    the eager Function, this path only reads it and never writes this step's global mean into it: a
-    graph input that is overwritten in place must not be needed by the compiled backward, and it is,
-    by a checkpointed layer's recomputed forward (AOTAutograd then refuses the backward: "modified by
-    an inplace operation"); with inductor, the compiled backward gave wrong input gradients
-    (observed on torch 2.14 with tests/test_compile.py when the shift was updated in place here).
-    So a compiled layer merges about the shift its eager training steps left (zero for a fresh layer).
+    ``shifts``: the layer's cached candidate shifts (``_shift.known_shifts``), or None when the cache is
+    unknown: the graph then takes two all-reduces (the global mean, then the sums about it), exact
+    whatever the data. Unlike the eager Function, this path only reads the cache and never writes the
+    next candidates: a graph input that is overwritten in place must not be needed by the compiled
+    backward, and it is, by a checkpointed layer's recomputed forward (AOTAutograd then refuses the
+    backward: "modified by an inplace operation"); with inductor, the compiled backward gave wrong
+    input gradients (observed on torch 2.14 with tests/test_compile.py when the shift was updated in
+    place here). So a compiled layer merges about the candidates its eager training steps left, with
+    one all-reduce, or, where none did, takes two all-reduces at every step.
     """
     output, count, mean, var = TraceableSyncBatchNormFunction.apply(
-        input, weight, bias, shift, eps, group_name, layer)
+        input, weight, bias, shifts, eps, group_name, layer)
     local_count = _stats.values_per_channel(input)
     if running_mean is not None and running_var is not None:
         _update_running_stats(running_mean, running_var, count, mean, var, momentum, local_count)

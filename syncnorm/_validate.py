@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import _comm
+from . import _comm, _shift
 from ._errors import SyncNormError
 
 if TYPE_CHECKING:
@@ -99,7 +99,8 @@ _FIELDS = {
     _DIM: "input rank (number of dimensions)",
     _CHANNELS: "input channels (dim 1)",
     _NEEDS_GRAD: "input needs a gradient",
-    _SHIFT_HASH: "shift of the float64 merge (the layer's previous global batch mean; a rank's layer was rebuilt?)",
+    _SHIFT_HASH: ("merge cache (the candidate shifts of the float64 merge, syncnorm._shift; a rank's layer was "
+                  "rebuilt, loaded, reset or regrouped alone?)"),
 }
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 _PHASES = ("forward", "backward")
@@ -127,7 +128,7 @@ def check_forward(layer: _BatchNorm, input: Any, description: str) -> None:
         needs_grad=layer.training and is_tensor and input.requires_grad and torch.is_grad_enabled(),
         name=getattr(layer, "layer_name", None) or "",
         device=input.device if is_tensor else torch.device("cpu"),
-        shift=getattr(layer, "_syncnorm_shift", None) if layer.training else None,
+        cache=_shift.fingerprint(layer, group, input) if layer.training and is_tensor else b"",
     )
     _compare(fingerprint, group, description)
 
@@ -156,16 +157,15 @@ def check_backward(layer: _BatchNorm, output: Tensor, input: Tensor, description
 
 
 def _fingerprint(*, phase: int, features: int, training: bool, dtype: Any, dim: int, channels: int,
-                 needs_grad: bool, name: str, device: torch.device, shift: Any = None) -> Tensor:
+                 needs_grad: bool, name: str, device: torch.device, cache: bytes = b"") -> Tensor:
     """What this rank is about to do, as a fixed-size int64 tensor (the same size on every rank)."""
     encoded = name.encode("utf-8")
     # A stable hash (Python's hash() is salted per process) compares names of any length exactly.
     digest = int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little") >> 1
     head = [phase, features, int(training), _DTYPES.index(dtype) if dtype in _DTYPES else -1, dim, channels,
             int(needs_grad), digest]
-    # The merge's common shift must be bit-identical on every rank (validation mode only: a host copy).
-    shift_bytes = b"" if shift is None else shift.detach().cpu().numpy().tobytes()
-    head.append(int.from_bytes(hashlib.blake2b(shift_bytes, digest_size=8).digest(), "little") >> 1)
+    # The merge cache must be bit-identical on every rank, or unknown on all (validation mode only: a host copy).
+    head.append(int.from_bytes(hashlib.blake2b(cache, digest_size=8).digest(), "little") >> 1)
     shown = list(encoded[:_NAME_BYTES]) + [0] * (_NAME_BYTES - min(len(encoded), _NAME_BYTES))
     return torch.tensor(head + shown, dtype=torch.int64, device=device)
 

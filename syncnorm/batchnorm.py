@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm, _validate
+from . import _comm, _shift, _validate
 from ._function import SyncBatchNormFunction
 
 
@@ -74,14 +74,17 @@ class SyncBatchNorm(_BatchNorm):
         # Qualified name in the model, for error messages; convert_model sets it.
         self.layer_name: Optional[str] = None
         self.last_input_dim: Optional[int] = None
-        place_shift(self)
 
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> SyncBatchNorm:
-        # .to(device) / .cuda() move the shift too, so a compiled forward finds it in place (dynamo cannot
-        # create it inside a checkpointed region); its dtype stays float64 whatever fn does to buffers.
-        module = super()._apply(fn, recurse)
-        place_shift(self)
-        return module
+    def reset_running_stats(self) -> None:
+        """``_BatchNorm.reset_running_stats``; also forgets the merge cache (``syncnorm._shift``)."""
+        _shift.invalidate(self)
+        super().reset_running_stats()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # A load (resume, rollback, a checkpoint averaged elsewhere) starts the merge cache afresh: its next
+        # training step takes one more all-reduce and is exact whatever the cache held before.
+        _shift.invalidate(self)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _describe(self) -> str:
         name = f" '{self.layer_name}'" if self.layer_name else ""
@@ -152,7 +155,7 @@ class SyncBatchNorm(_BatchNorm):
 
         output = sync_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps,
-            group=group, layer=self._describe(), shift=common_shift(self, input) if group is not None else None,
+            group=group, layer=self._describe(), owner=self, update_cache=not recomputing,
         )
         if validating and group is not None:
             _validate.check_backward(self, output, input, self._describe())
@@ -240,38 +243,6 @@ def _inside_backward() -> bool:
     return current_graph_task_id is not None and current_graph_task_id() != -1
 
 
-def place_shift(layer: torch.nn.Module) -> None:
-    """Give ``layer`` its common shift (zeros) on the device of its buffers or parameters, keeping its value.
-
-    Done when a layer is built, converted or moved, so that ``common_shift`` under torch.compile finds
-    it in place: an attribute write is a side effect dynamo refuses inside activation checkpointing.
-    """
-    reference = next((t for t in (layer.running_mean, layer.weight) if isinstance(t, Tensor)), None)
-    device = torch.device("cpu") if reference is None else reference.device
-    shift: Optional[Tensor] = getattr(layer, "_syncnorm_shift", None)
-    num_features = int(layer.num_features)  # type: ignore[arg-type]
-    if shift is None or shift.numel() != num_features:
-        layer._syncnorm_shift = torch.zeros(num_features, dtype=torch.float64, device=device)
-    elif shift.device != device:
-        layer._syncnorm_shift = shift.to(device)
-
-
-def common_shift(layer: torch.nn.Module, input: Tensor) -> Tensor:
-    """The layer's shift for the float64 merge: its previous global batch mean, the same on every rank.
-
-    float64 (C,) on the input's device, zero until the layer's first training step; the synchronised
-    forward updates it in place. A plain attribute, not a buffer, so ``state_dict`` stays torch's.
-    """
-    shift: Optional[Tensor] = getattr(layer, "_syncnorm_shift", None)
-    if shift is None or shift.device != input.device or shift.numel() != input.shape[1]:
-        previous = None if shift is None or shift.numel() != input.shape[1] else shift
-        shift = torch.zeros(input.shape[1], dtype=torch.float64, device=input.device)
-        if previous is not None:
-            shift.copy_(previous)
-        layer._syncnorm_shift = shift
-    return shift
-
-
 def sync_batch_norm(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -284,30 +255,34 @@ def sync_batch_norm(
     *,
     group: Optional[_comm.ProcessGroup] = None,
     layer: str = "syncnorm.sync_batch_norm",
-    shift: Optional[Tensor] = None,
+    owner: Optional[torch.nn.Module] = None,
+    update_cache: bool = True,
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` over the batch of every rank of ``group``.
 
     The one place where a layer's batch normalisation chooses between the synchronised path and
     plain ``F.batch_norm``; ``SyncBatchNorm.forward`` and the subclasses ``convert_model`` generates
     both come through here. ``group`` is the resolved statistics group (``_comm.statistics_group``),
-    None for no synchronisation; ``momentum`` is the running-average factor of this step; ``shift``
-    (``common_shift(layer, input)``), the same on every rank, makes the float64 merge exact.
+    None for no synchronisation; ``momentum`` is the running-average factor of this step; ``owner``
+    is the module whose merge cache (``_shift``) the step reads and, with ``update_cache``, updates
+    (None: no cache, every synchronised step takes two all-reduces).
     """
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if training and _compiling() and (group is not None or isinstance(momentum, Tensor)):
         from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
 
+        shifts = None if owner is None or group is None else _shift.known_shifts(owner, group, input)
         return _traceable.sync_batch_norm(
-            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group), shift,
+            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group), shifts,
             layer,
         )
     if group is None or not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
     _refuse_forward_ad(layer, input, weight, bias)
+    cache = None if owner is None else _shift.for_step(owner, group, input)
     output: Tensor = SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, group, layer, shift
+        input, weight, bias, running_mean, running_var, eps, momentum, group, layer, cache, update_cache
     )
     return output
 

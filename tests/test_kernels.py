@@ -227,9 +227,9 @@ def rank_shift_differs() -> str:
     bn = syncnorm.SyncBatchNorm(3)
     bn.layer_name = "head.bn"
     x = torch.randn(4, 3) + 5
-    bn(x)  # the shift is now this step's global mean, on every rank
+    bn(x)  # the merge cache now holds this step's global mean, on every rank
     if dist.get_rank() == 1:
-        bn._syncnorm_shift.add_(1e-12)  # e.g. a layer rebuilt or reloaded on one rank only
+        bn._syncnorm_merge_shift.shifts.add_(1e-12)  # a cache that differs across ranks (it must never)
     try:
         with syncnorm.validation():
             bn(x)
@@ -238,9 +238,9 @@ def rank_shift_differs() -> str:
     return "no error"
 
 
-def test_validation_mode_checks_the_common_shift() -> None:
+def test_validation_mode_checks_the_merge_cache() -> None:
     for message in run_on_ranks(2, rank_shift_differs):
-        assert "head.bn" in message and "shift of the float64 merge" in message, message
+        assert "head.bn" in message and "merge cache" in message, message
 
 
 def rank_random_case(case: dict[str, Any]) -> list[dict[str, Any]]:

@@ -63,7 +63,7 @@ def rank_count_ops(layout: str, kernels: str) -> dict[str, Any]:
     bn = syncnorm.SyncBatchNorm(32)
     x = make().to(dtype).requires_grad_()
     with use_kernels(kernels):
-        bn(x)  # a first step, so the shift is last step's mean as in every later step
+        bn(x)  # a first step, so the merge cache is known, as in every later step (steady state)
         bn.zero_grad(set_to_none=True)
         with CountOps() as forward:
             y = bn(x)
@@ -79,8 +79,9 @@ def rank_count_ops(layout: str, kernels: str) -> dict[str, Any]:
 # (fused <= 8 / <= 6, native <= 24 / <= 12). "native" is what a CPU runs: the same per-channel math in
 # aten ops, ~20 small ops in the forward that only a fused kernel makes one (no Triton for CPU tensors
 # outside its interpreter); its forward is above issue 11's 24 (README, performance). "fused-aten" is a
-# GPU without Triton.
-BUDGETS = {"fused": (7, 6), "native-triton": (10, 10), "native": (35, 10), "fused-aten": (45, 6)}
+# GPU without Triton. The aten forwards grew by 8 ops in issue 22 (the per-channel choice between the two
+# cached candidate shifts and the next candidates, syncnorm/_shift.py); the Triton kernels absorb them.
+BUDGETS = {"fused": (7, 6), "native-triton": (10, 10), "native": (43, 10), "fused-aten": (53, 6)}
 
 
 @pytest.mark.parametrize("kernels", list(BUDGETS))
