@@ -272,7 +272,7 @@ def test_a_changed_process_group_is_exact_from_its_first_step(kernels: str, how:
         _close(torch.cat([r[step]["grad_x"] for r in reports]), expected["grad_x"], 1e-9, 0, f"step {step} grad_x")
         # Each pair's running statistics continue from its own, with the world's statistics: the pair's
         # reference fed the world's batches from step 2 on.
-        for pair, members in enumerate(([0, 1], [2, 3])):
+        for members in ([0, 1], [2, 3]):
             continued = _continued_reference(spec, members)
             for r in members:
                 _close(reports[r][step]["running_var"], continued[step]["running_var"], 0, 1e-10,
