@@ -76,6 +76,12 @@ def validation(enabled: bool = True) -> Iterator[None]:
     Returns:
         A context manager; the previous mode comes back when the block ends, even on an error.
 
+    Raises:
+        SyncNormError: raised inside the block, by a syncnorm layer, on every rank of its group, when
+            the ranks differ in the layer they run (qualified name, ``num_features``, training flag,
+            dtype, input rank and channels, forward or backward); it names the layer, the field and
+            each rank's value. ``validation`` itself raises nothing.
+
     Example:
         >>> with syncnorm.validation():
         ...     loss = model(batch).sum()   # a layer that differs between ranks raises here,

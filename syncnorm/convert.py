@@ -90,6 +90,12 @@ def convert_model(
     Returns:
         ``module`` itself, converted.
 
+    Raises:
+        TypeError: ``exclude`` is neither a predicate nor a collection of names (str).
+        ValueError: a name in ``exclude`` is not a module of the model (a typo would otherwise leave
+            the layer synchronised silently), or a ``LazyBatchNorm`` layer has not yet initialised its
+            parameters (run one forward pass first).
+
     Example:
         >>> model = torchvision.models.resnet18()
         >>> model = syncnorm.convert_model(model, exclude=["layer4"])

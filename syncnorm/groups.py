@@ -19,6 +19,10 @@ def new_sync_groups(group_size: int) -> Any:
     Returns:
         The process group that contains this rank, to pass as ``process_group``.
 
+    Raises:
+        RuntimeError: ``torch.distributed.init_process_group()`` has not run yet.
+        ValueError: ``group_size`` is not a positive divisor of the world size.
+
     Example:
         >>> group = syncnorm.new_sync_groups(2)
         >>> model = syncnorm.convert_model(model, process_group=group)

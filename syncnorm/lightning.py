@@ -75,6 +75,12 @@ class SyncNormLayerSync(*_BASES):  # type: ignore[misc]
             the LightningModule or a predicate ``(name, module) -> bool`` (module-level, so that it
             pickles, for ``ddp_spawn``).
 
+    Raises:
+        TypeError: when pickled (``strategy="ddp_spawn"``) holding a process group object instead of
+            a function that makes one.
+        ImportError: on ``import syncnorm.lightning`` when neither ``pytorch_lightning`` nor
+            ``lightning`` is installed.
+
     Example:
         >>> from syncnorm.lightning import SyncNormLayerSync
         >>> trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", plugins=[SyncNormLayerSync()])
@@ -88,7 +94,19 @@ class SyncNormLayerSync(*_BASES):  # type: ignore[misc]
         self.converted: list[str] = []
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Convert the BatchNorm layers of ``model`` in place (``syncnorm.convert_model``); returns ``model``."""
+        """Convert the BatchNorm layers of ``model`` in place (``syncnorm.convert_model``).
+
+        Lightning's DDP strategies call it when ``fit`` starts, before the device move and the DDP wrap.
+
+        Args:
+            model: the LightningModule (or any module).
+
+        Returns:
+            ``model`` itself, converted; the names of the layers it converted are kept for ``revert``.
+
+        Raises:
+            ValueError: a name in ``exclude`` is not a module of ``model``.
+        """
         group = self.process_group() if callable(self.process_group) else self.process_group
         before = {name for name, layer in model.named_modules() if _synchronised(layer)}
         convert_model(model, group, exclude=self.exclude)
@@ -98,7 +116,16 @@ class SyncNormLayerSync(*_BASES):  # type: ignore[misc]
         return model
 
     def revert(self, model: nn.Module) -> nn.Module:
-        """Give the layers ``apply`` converted their original classes back, in place; returns ``model``."""
+        """Give the layers ``apply`` converted their original classes back, in place.
+
+        Lightning calls it when ``fit`` ends. Layers that were syncnorm layers before ``apply`` stay so.
+
+        Args:
+            model: the module ``apply`` converted.
+
+        Returns:
+            ``model`` itself, with the trained parameters and buffers in its original layer classes.
+        """
         converted = set(self.converted)
         for name, layer in model.named_modules():
             if name in converted:

@@ -162,7 +162,33 @@ def format_report(env: dict[str, Any], results: list[Result], speed: list[dict[s
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the self-test on this rank; return the exit status (the same on every rank)."""
+    """Run the self-test on this rank; return the exit status (the same on every rank).
+
+    Every rank of the job calls it, as ``python -m syncnorm.selftest`` does: it joins the job's process
+    group (torchrun's or MPI's variables; alone, a group of one), runs the exactness cases and the speed
+    part, prints the report on rank 0, and destroys the group.
+
+    Args:
+        argv: the command-line options (``--quick``, ``--json FILE``, ``--backend auto|nccl|gloo``,
+            ``--device auto|cuda|cpu``, ``--timeout S``, ``--no-speed``, ``--iters N``); default
+            ``sys.argv[1:]``.
+
+    Returns:
+        0 when every case passed on every rank, 1 when any failed on any rank (the ranks all-reduce
+        the verdict).
+
+    Raises:
+        SystemExit: a device or backend that this rank cannot use (``--device cuda`` without CUDA,
+            ``--backend nccl`` on CPU), or a process group that did not form within ``--timeout``.
+            An error during the cases ends the process with status 1 instead of raising, so that the
+            other ranks fail too rather than wait.
+
+    Example:
+        >>> import syncnorm.selftest
+        >>> status = syncnorm.selftest.main(["--quick", "--no-speed"])  # on every rank
+        >>> status
+        0
+    """
     args = parse_args(argv)
     watchdog = Watchdog()
     device = choose_device(args.device)
@@ -215,7 +241,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def console_main() -> None:
-    """Entry point of the ``syncnorm-selftest`` console script."""
+    """Entry point of the ``syncnorm-selftest`` console script: ``main()``, then exit with its status.
+
+    Raises:
+        SystemExit: always, with ``main()``'s status (0 passed, 1 failed).
+    """
     raise SystemExit(main())
 
 
