@@ -21,8 +21,14 @@ class SyncBatchNorm(_BatchNorm):
     parameters, buffers, ``state_dict`` keys and ``repr``, so checkpoints load both ways with
     ``strict=True``. In training mode on W ranks it computes exactly what one process would compute
     on the concatenation of the W batches (output, input gradient, running statistics), with one
-    all-reduce of 2C+1 float64 values in forward and one of 2C values in backward. It runs on CPU
+    all-reduce of 4C+1 float64 values in forward and one of 2C values in backward. It runs on CPU
     tensors (Gloo) and CUDA tensors (NCCL or Gloo).
+
+    Its results depend on its parameters, buffers and input only. It keeps one cache, the shifts of its
+    float64 merge (see the numerics page of the docs): a layer's first training step, and its first
+    after ``load_state_dict``, ``reset_running_stats`` or a change of ``process_group``, takes one more
+    all-reduce (exact whatever the data); every rank must therefore build, load and regroup its layers
+    alike, as data-parallel training does.
 
     It does not communicate in eval mode, without an initialised process group, or in a group of
     one rank: there it is plain BatchNorm. In eval mode with ``track_running_stats=False`` each rank
@@ -30,6 +36,9 @@ class SyncBatchNorm(_BatchNorm):
 
     The weight and bias gradients are this rank's share; DistributedDataParallel sums (averages)
     them across ranks like those of any other parameter.
+
+    Most models get it from ``syncnorm.convert_model``; ``SyncBatchNorm.convert_sync_batchnorm`` is an
+    alias of it, so code written for ``torch.nn.SyncBatchNorm`` works after changing the import.
 
     Args:
         num_features: number of channels C.
@@ -46,6 +55,18 @@ class SyncBatchNorm(_BatchNorm):
     Shape:
         - Input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); channels_last kept.
         - Output: same shape, dtype and memory format as the input.
+
+    Raises:
+        ValueError: from ``forward``: an input of fewer than 2 or more than 5 dimensions, or whose dim 1
+            is not ``num_features``; ``eps <= 0`` in training mode; a global batch of one value per
+            channel ("Expected more than 1 value per channel when training", on every rank). The input
+            checks run before any collective; none of these changes any state.
+        TypeError: from ``forward``: an input that is not a tensor, or of a dtype other than float32,
+            float64, float16 or bfloat16 (integers, complex, float8).
+        NotImplementedError: forward-mode AD (dual tensors) through a synchronised training forward.
+        SyncNormError: a problem between ranks, naming the layer: an all-reduce that failed or timed out
+            (a peer died or skipped the layer), this process not in ``process_group``, ranks that differ
+            in validation mode, or a double backward (``create_graph=True``) through the layer.
 
     Example:
         >>> bn = syncnorm.SyncBatchNorm(64)
@@ -106,6 +127,11 @@ class SyncBatchNorm(_BatchNorm):
 
         Returns:
             The normalised tensor, of the input's shape, dtype and memory format.
+
+        Raises:
+            ValueError: a bad input (dimensions, channels), ``eps <= 0``, or a global count of 1.
+            TypeError: an input that is not a floating tensor of a dtype the kernels take.
+            SyncNormError: a problem between ranks (see the class).
 
         Shape:
             - Input: (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W).
@@ -168,7 +194,18 @@ class SyncBatchNorm(_BatchNorm):
     def convert_sync_batchnorm(
         cls, module: torch.nn.Module, process_group: Optional[_comm.ProcessGroup] = None
     ) -> torch.nn.Module:
-        """torch.nn.SyncBatchNorm's API: the same as ``syncnorm.convert_model(module, process_group)``."""
+        """torch.nn.SyncBatchNorm's API: the same as ``syncnorm.convert_model(module, process_group)``.
+
+        Args:
+            module: a model, or a single BatchNorm layer.
+            process_group: the ranks whose batches are pooled (default: the whole world).
+
+        Returns:
+            ``module`` itself, converted in place.
+
+        Example:
+            >>> model = syncnorm.SyncBatchNorm.convert_sync_batchnorm(model)  # was torch.nn.SyncBatchNorm
+        """
         from .convert import convert_model
 
         return convert_model(module, process_group)
