@@ -120,7 +120,13 @@ def inspecting_backend(log: dict[str, list[Any]]) -> Any:
 
         return compile_graph
 
-    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))
+    # The min-cut partitioner, as aot_eager and inductor use: the default partitioner of a bare aot_autograd
+    # backend copies a dead forward all-reduce of the two-pass merge into the backward graph (it keeps
+    # collectives when it extracts the backward; the min-cut partitioner force-saves them and drops dead ones).
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+                        partition_fn=min_cut_rematerialization_partition)
 
 
 def _train(model: nn.Module, module: nn.Module, x: torch.Tensor, dy: torch.Tensor, kind: str,
