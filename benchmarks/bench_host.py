@@ -35,7 +35,7 @@ launch, no all-reduce) shows there. ``--profile PATH`` prints where one path's h
 (cProfile by function, sorted by own time, and torch.profiler by op) instead of the table.
 
 Run:
-    PYTHONPATH=. python benchmarks/bench_host.py                      # the table (about a minute)
+    PYTHONPATH=. python benchmarks/bench_host.py                      # the table (a minute or two)
     PYTHONPATH=. python benchmarks/bench_host.py --quick              # a smoke run (seconds; numbers meaningless)
     PYTHONPATH=. python benchmarks/bench_host.py --profile gpu --profile-shape "(8, 256) float32"
 
@@ -129,18 +129,19 @@ def register_stubs() -> torch.library.Library:
 
 
 class TritonLaunches:
-    """Counts the Triton launches made while ``stubbed()`` is active, and runs none of them."""
+    """Counts the Triton launches (``kernel[grid](...)``) made while ``stubbed()`` is active, and runs none."""
 
     def __init__(self) -> None:
         self.count = 0
         self.available = True
         try:
             from triton.runtime.interpreter import InterpretedFunction
+            from triton.runtime.jit import JITFunction
         except ImportError:
             self.available = False
             return
-        self._cls: Any = InterpretedFunction
-        self._original = InterpretedFunction.run
+        # Interpreted kernels (made under TRITON_INTERPRET=1) and compiled ones alike.
+        self._originals: dict[Any, Any] = {cls: cls.run for cls in (InterpretedFunction, JITFunction)}
 
     @contextlib.contextmanager
     def stubbed(self) -> Iterator[None]:
@@ -151,11 +152,13 @@ class TritonLaunches:
         def run(kernel: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
             self.count += 1
 
-        self._cls.run = run
+        for cls in self._originals:
+            cls.run = run
         try:
             yield
         finally:
-            self._cls.run = self._original
+            for cls, original in self._originals.items():
+                cls.run = original
 
 
 @contextlib.contextmanager

@@ -315,7 +315,11 @@ def test_every_kernel_variant_syncnorm_launches_compiles_for_sm80_and_sm90() -> 
     per_kernel = ", ".join(f"{n}: {sum(v[0] == n for v in variants.values())}" for n in sorted(launched))
     if os.environ.get("SYNCNORM_AOT_LIST"):
         print("\n" + "\n".join(sorted(v[1] for v in variants.values())))
-    print(f"\n{len(variants)} variants ({per_kernel}), {len(compiled)} compilations (sm_80, sm_90) on 2 ranks: "
+    from triton import knobs
+
+    ptxas = knobs.nvidia.ptxas
+    print(f"\n{len(variants)} variants ({per_kernel}), {len(compiled)} compilations (sm_80, sm_90) on 2 ranks "
+          f"with ptxas {ptxas.version} ({ptxas.path}): "
           f"per compilation median {wall[len(wall) // 2]:.2f} s wall / {cpu[len(cpu) // 2]:.2f} s CPU, max "
           f"{wall[-1]:.2f} s wall, total {sum(wall):.1f} s wall / {sum(cpu):.1f} s CPU; recording "
           f"{max(r['record_s'] for r in reports):.1f} s wall / {max(r['record_cpu_s'] for r in reports):.1f} s CPU; "
