@@ -10,11 +10,12 @@ the Triton wheel. This test does that for every variant syncnorm launches.
 The variants are recorded, not written down (the kernels' arguments and flags change with the code):
 two Gloo ranks run real training steps of ``syncnorm.SyncBatchNorm`` with ``SYNCNORM_KERNELS=native``
 and ``=fused`` (tests/fused_cpu.py's stand-ins) under the interpreter, over input dtypes, parameter
-dtypes, affine/bias, running statistics, momentum None, a rank with no samples, and channel counts
-that give the smallest and the largest block; every launch is caught where Triton's interpreter
-runs a kernel, and specialised as a GPU launch would specialise it (Triton's own binder: integer
-arguments typed by value, 16-byte alignment hints, the constexprs). The ranks share the deduplicated
-variants and split the compiling between them. It depends on no syncnorm internal name.
+dtypes, affine/bias, running statistics, momentum None and 0, a rank with no samples, a global batch
+without samples, and channel counts that give the smallest and the largest block. Every launch is
+caught where Triton's interpreter runs a kernel, and specialised as a GPU launch would specialise it
+(Triton's own binder: integer arguments typed by value, 16-byte alignment hints, the constexprs).
+The ranks share the deduplicated variants and split the compiling between them. It depends on no
+syncnorm internal name.
 """
 
 from __future__ import annotations
@@ -163,15 +164,16 @@ def drive_every_setting(samples: int, empty_samples: int) -> None:
     Every dtype pair with every optional part on (weight, bias, running statistics: the code that converts
     to and from those dtypes), and every combination of the layer's options in float32 (a flag that is off
     removes code, so its dtypes do not matter); the smallest and the largest block; momentum 0. Each on a
-    rank with samples and, for every dtype pair, on a rank without. Two steps a layer: the second merges
-    about the common shift the first one left.
+    rank with samples and, for every dtype pair, on a rank without; and a global batch without samples.
+    Two steps a layer: the second merges about the common shift the first one left.
     """
     generator = torch.Generator().manual_seed(0)
     all_on: dict[str, Any] = dict(affine=True, track_running_stats=True, momentum=0.1)
     layer_options: list[dict[str, Any]] = [
         dict(affine=affine, track_running_stats=track, momentum=momentum, **({"bias": bias} if affine else {}))
         for affine, bias in ((True, True), (True, False), (False, False))
-        for track, momentum in ((True, 0.1), (True, None), (False, 0.1))
+        # Without running statistics (or in a checkpointed forward's recomputation) momentum None passes 0.
+        for track, momentum in ((True, 0.1), (True, None), (False, 0.1), (False, None))
     ]
     runs: list[tuple[int, torch.dtype, torch.dtype, dict[str, Any], int]] = [
         (CHANNELS, x_dtype, p_dtype, all_on, n) for x_dtype, p_dtype in DTYPES for n in (samples, empty_samples)
@@ -180,6 +182,8 @@ def drive_every_setting(samples: int, empty_samples: int) -> None:
     runs += [(channels, torch.float32, torch.float32, all_on, samples) for channels in CHANNEL_SWEEP]
     # Triton types an integer argument by its value: momentum 0 passes its float64 bits as an i32 zero.
     runs += [(CHANNELS, torch.float32, torch.float32, dict(all_on, momentum=0.0), samples)]
+    # A global batch without samples updates nothing (no running statistics, no shift).
+    runs += [(CHANNELS, x_dtype, p_dtype, all_on, 0) for x_dtype, p_dtype in DTYPES[:2]]
     for setting in SETTINGS:
         with use_kernels(setting):
             for channels, x_dtype, p_dtype, options, n in runs:
