@@ -178,13 +178,17 @@ def finish_statistics(
     backend: Backend, summed: Tensor, local: _stats.LocalMoments, shifts: Optional[Tensor], weight: Optional[Tensor],
     bias: Optional[Tensor], eps: float, dtype: torch.dtype, running_mean: Optional[Tensor],
     running_var: Optional[Tensor], momentum: float, next_shifts: Optional[Tensor], triton: bool = True,
+    guard_empty: bool = False,
 ) -> _stats.PerChannel:
     """The step's per-channel values from the summed buffer; updates the running statistics and the candidates.
 
     ``shifts``: the candidate shifts the buffer was packed about (``_stats.finish_statistics``);
     ``running_mean``/``running_var`` None: no update (also when the global batch is empty);
-    ``next_shifts``: where the next candidates go (None: nowhere). One Triton kernel where it runs
-    (``triton`` False: always aten, e.g. while dynamo traces), else ``_stats``' aten ops.
+    ``next_shifts``: where the next candidates go (None: nowhere); ``guard_empty``: the global count may be
+    zero and cannot be read on the host (CUDA graph capture): the running statistics keep their values
+    then (the Triton kernel always guards; the candidates keep theirs anyway, the mean being NaN). One
+    Triton kernel where it runs (``triton`` False: always aten, e.g. while dynamo traces), else
+    ``_stats``' aten ops.
     """
     native = backend is NATIVE
     about = local.shift if native else None
@@ -194,7 +198,7 @@ def finish_statistics(
     stats = _stats.finish_statistics(summed, shifts, about, weight, bias, eps, dtype,
                                      coefficients=native, int_count=not native, next_shifts=next_shifts)
     if running_mean is not None and running_var is not None:
-        _stats.update_running_statistics(running_mean, running_var, stats, momentum)
+        _stats.update_running_statistics(running_mean, running_var, stats, momentum, guard_empty=guard_empty)
     return stats
 
 

@@ -50,7 +50,12 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # others skip the host sync. Every rank of such a batch takes the same branch: a global
         # count of 1 raises on all of them (before any state changes), and none is left waiting in a collective.
         # An all-empty global batch leaves the running statistics and the cache as they were, as BatchNorm does.
-        update = not (local_count <= 1 and check_global_count(summed, x.size(), layer))
+        # While a CUDA graph is captured no host read is allowed: the device guards an empty global batch
+        # (the update keeps the old values) and a count of 1 fails a device-side assertion instead.
+        guard_empty = local_count <= 1 and capturing(x.device)
+        if guard_empty:
+            assert_global_count_is_not_one(summed, x.size(), layer)
+        update = guard_empty or not (local_count <= 1 and check_global_count(summed, x.size(), layer))
         track = update and running_mean is not None and running_var is not None
         next_shifts = None
         if cache is not None and update and update_cache:  # in place when known; a new tensor otherwise
@@ -58,6 +63,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         stats = _backends.finish_statistics(
             backend, summed, local, shifts, weight, bias, eps, _stats.statistics_dtype(x),
             running_mean if track else None, running_var if track else None, momentum, next_shifts,
+            guard_empty=guard_empty,
         )
         if cache is not None and known is None and next_shifts is not None:
             cache.shifts = next_shifts
@@ -182,6 +188,22 @@ def _to(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     return None if t is None or dtype is None else t.to(dtype)
 
 
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (no host read may happen then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def assert_global_count_is_not_one(summed: Tensor, local_size: Any, layer: str) -> None:
+    """``check_global_count``'s error as a device-side assertion (no host read: CUDA graph capture)."""
+    torch._assert_async(summed[0] != 1, _count_of_one_message(local_size, layer))
+
+
+def _count_of_one_message(local_size: Any, layer: str) -> str:
+    return (f"Expected more than 1 value per channel when training, got input size {local_size} on this "
+            f"rank and 1 value per channel over the whole process group ({layer}). Use a larger "
+            "global batch, or eval() mode for single samples.")
+
+
 def check_global_count(summed: Tensor, local_size: Any, layer: str) -> bool:
     """Raise torch's error for a global batch of one value per channel; True when it is empty.
 
@@ -190,9 +212,5 @@ def check_global_count(summed: Tensor, local_size: Any, layer: str) -> bool:
     """
     count = int(summed[0].item())
     if count == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {local_size} on this "
-            f"rank and 1 value per channel over the whole process group ({layer}). Use a larger "
-            "global batch, or eval() mode for single samples."
-        )
+        raise ValueError(_count_of_one_message(local_size, layer))
     return count == 0

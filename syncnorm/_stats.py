@@ -249,14 +249,19 @@ def finish_statistics(
                       moments)
 
 
-def update_running_statistics(running_mean: Tensor, running_var: Tensor, stats: PerChannel, momentum: float) -> None:
+def update_running_statistics(running_mean: Tensor, running_var: Tensor, stats: PerChannel, momentum: float,
+                              *, guard_empty: bool = False) -> None:
     """Exponential (momentum=None: cumulative, given as 1/step) average of the GLOBAL statistics, in place.
 
-    The variance is unbiased with the global count. One foreach op for both buffers.
+    The variance is unbiased with the global count. One foreach op for both buffers. ``guard_empty``:
+    the global count may be zero (not read on the host): the buffers then keep their values.
     """
     assert stats.var is not None
     n = stats.num_values
     unbiased = stats.var * (n / (n - 1))
-    torch._foreach_lerp_(
-        [running_mean, running_var], [stats.mean.to(running_mean.dtype), unbiased.to(running_var.dtype)], momentum
-    )
+    targets = [stats.mean.to(running_mean.dtype), unbiased.to(running_var.dtype)]
+    if not guard_empty:
+        torch._foreach_lerp_([running_mean, running_var], targets, momentum)
+        return
+    for buffer, target in zip((running_mean, running_var), targets):
+        buffer.copy_(torch.where(n > 0, buffer.lerp(target, momentum), buffer))

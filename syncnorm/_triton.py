@@ -146,10 +146,13 @@ def _kernels(interpret: bool) -> Any:
             running_mean = tl.load(rm_ptr + offs, mask=mask, other=0.0).to(tl.float64)
             running_var = tl.load(rv_ptr + offs, mask=mask, other=0.0).to(tl.float64)
             unbiased = var * (n / (n - 1.0))
-            tl.store(rm_ptr + offs, (running_mean + momentum * (mean - running_mean)).to(rm_ptr.dtype.element_ty),
-                     mask=mask)
-            tl.store(rv_ptr + offs, (running_var + momentum * (unbiased - running_var)).to(rv_ptr.dtype.element_ty),
-                     mask=mask)
+            # An empty global batch (NaN statistics) leaves the buffers as they were: callers skip the update
+            # when they can read the count, and a CUDA graph being captured cannot (_function.capturing).
+            keep = n > 0.0
+            new_mean = tl.where(keep, running_mean + momentum * (mean - running_mean), running_mean)
+            new_var = tl.where(keep, running_var + momentum * (unbiased - running_var), running_var)
+            tl.store(rm_ptr + offs, new_mean.to(rm_ptr.dtype.element_ty), mask=mask)
+            tl.store(rv_ptr + offs, new_var.to(rv_ptr.dtype.element_ty), mask=mask)
         if UPDATE_SHIFT:
             # Next candidates (_shift): this mean where finite (NaN and inf fail the bound), and the chosen one.
             finite = tl.abs(mean) <= 1.7976931348623157e308
