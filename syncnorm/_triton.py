@@ -165,11 +165,16 @@ def _kernels(interpret: bool) -> Any:
 
 
 def _launch(kernel_index: int, channels: int, *args: Any, **constexprs: Any) -> None:
-    import triton
-
-    block = min(1024, triton.next_power_of_2(max(channels, 1)))
+    block, grid = _block_and_grid(channels)
     kernel = _kernels(os.environ.get("TRITON_INTERPRET") == "1")[kernel_index]
-    kernel[(triton.cdiv(channels, block),)](*args, BLOCK=block, **constexprs)
+    kernel[grid](*args, BLOCK=block, **constexprs)
+
+
+@functools.lru_cache(maxsize=256)
+def _block_and_grid(channels: int) -> tuple[int, tuple[int]]:
+    """The block size and grid of a launch over ``channels`` (cached: triton's helpers cost a few us a call)."""
+    block = min(1024, 1 << max(channels - 1, 0).bit_length())
+    return block, ((channels + block - 1) // block,)
 
 
 def _pack(shift: Tensor, a: Tensor, b: Tensor, num_values: int, common: Optional[Tensor], welford: bool,
@@ -225,6 +230,14 @@ def _finish_op(summed: Tensor, shifts: Optional[Tensor], about: Optional[Tensor]
                bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                next_shifts: Optional[Tensor], momentum: float, eps: float, dtype: torch.dtype,
                channels: int) -> tuple[Tensor, Tensor]:
+    return _finish(summed, shifts, about, weight, bias, running_mean, running_var, next_shifts, momentum, eps, dtype,
+                   channels)
+
+
+def _finish(summed: Tensor, shifts: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
+            bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+            next_shifts: Optional[Tensor], momentum: float, eps: float, dtype: torch.dtype,
+            channels: int) -> tuple[Tensor, Tensor]:
     rows = (summed.numel() - 1) // (2 * channels)
     block = summed.new_empty(_ROWS, channels, dtype=dtype)
     count = summed.new_empty(1, dtype=torch.int32)
@@ -247,15 +260,23 @@ def _(summed: Tensor, shifts: Optional[Tensor], about: Optional[Tensor], weight:
     return summed.new_empty(_ROWS, channels, dtype=dtype), summed.new_empty(1, dtype=torch.int32)
 
 
+# Eager calls launch the kernels directly; the custom ops (one dispatched op each, with a fake
+# implementation) are what torch.compile traces. Their eager wrapper costs more host time than the launch.
+
+
 def pack_moments(local: _stats.LocalMoments, common: Optional[Tensor]) -> Tensor:
     """``_stats.pack_moments`` in one kernel (``common``: the K candidate shifts, (K, C), or None)."""
-    return torch.ops.syncnorm.pack_moments(local.shift, local.sum_dev, local.sum_sq_dev, local.num_values, common)
+    if torch.compiler.is_compiling():
+        return torch.ops.syncnorm.pack_moments(local.shift, local.sum_dev, local.sum_sq_dev, local.num_values, common)
+    return _pack(local.shift, local.sum_dev, local.sum_sq_dev, local.num_values, common, False, 0.0)
 
 
 def pack_welford_moments(mean: Tensor, invstd: Tensor, moment: Tensor, num_values: int, common: Optional[Tensor],
                          tiny_eps: float) -> Tensor:
     """The packed buffer from ``batch_norm_stats``' mean and invstd and ``sum x (x - mean)``, in one kernel."""
-    return torch.ops.syncnorm.pack_welford_moments(mean, invstd, moment, num_values, common, tiny_eps)
+    if torch.compiler.is_compiling():
+        return torch.ops.syncnorm.pack_welford_moments(mean, invstd, moment, num_values, common, tiny_eps)
+    return _pack(mean, invstd, moment, num_values, common, True, tiny_eps)
 
 
 def finish_statistics(
@@ -264,7 +285,8 @@ def finish_statistics(
     running_var: Optional[Tensor], momentum: float, next_shifts: Optional[Tensor], channels: int,
 ) -> _stats.PerChannel:
     """``_stats.finish_statistics`` and ``_stats.update_running_statistics`` (and the next candidates) in one kernel."""
-    block, count = torch.ops.syncnorm.finish_statistics(
+    finish = torch.ops.syncnorm.finish_statistics if torch.compiler.is_compiling() else _finish
+    block, count = finish(
         summed, shifts, about, weight, bias, running_mean, running_var, next_shifts, momentum, eps, dtype, channels
     )
     mean, invstd, residual, r_invstd2, alpha, beta = block[:6]

@@ -209,7 +209,14 @@ def test_a_non_finite_batch_spoils_only_its_own_step(kernels: str, value: float)
 @pytest.mark.parametrize("dtype,outlier", [(torch.float32, 1e8), (torch.float64, 1e6)], ids=["float32", "float64"])
 def test_the_step_after_an_outlier_is_as_exact_as_a_clean_step(kernels: str, dtype: torch.dtype,
                                                               outlier: float) -> None:
-    """Defect 3: one huge value at step 1 must not spoil step 2 (float32: twice torch's own float32 error)."""
+    """Defect 3: one huge value at step 1 must not spoil step 2 (before issue 22: errors of 6.6e-4 / 2.4e-3).
+
+    float64: 1e-9. float32: twice torch's own float32 error on the whole batch, or, where that is below
+    it, the rounding floor of float32 arithmetic at the magnitude of the kernels' terms, 2 eps32 max|x|
+    max|weight invstd| (the bound of tests/test_equivalence.py's large-mean test): at mean 0 / std 1
+    torch's own error is a matter of which ulps its rounding happens to hit (1e-7 here), and syncnorm's
+    (x - c) * alpha + beta rounds once more than torch's x * alpha + beta'.
+    """
     batches = _poison(_batches(4, [4, 3], 0.0, 1.0, dtype), 1, outlier, at_rank=0)
     spec = _spec(kernels, batches)
     reports = run_on_ranks(2, rank_run, spec)
@@ -222,7 +229,10 @@ def test_the_step_after_an_outlier_is_as_exact_as_a_clean_step(kernels: str, dty
             _check_step([r[step] for r in reports], reference[step], step, atol=1e-9, var_rtol=1e-10)
         else:  # torch's own float32 BatchNorm on the whole batch (train mode: batch and parameters only)
             torch_error = (_plain_output(spec, batches[step]["x"], torch.float32) - reference[step]["y"]).abs().max()
-            assert error <= 2 * torch_error.item(), (step, error, torch_error)
+            x64 = batches[step]["x"].double()
+            scale = spec["params"]["weight"].double() * (x64.var((0, 2), correction=0) + 1e-5).rsqrt()
+            floor = 2 * torch.finfo(torch.float32).eps * x64.abs().max() * scale.abs().max()
+            assert error <= max(2 * torch_error.item(), floor.item()), (step, error, torch_error, floor)
 
 
 def _plain_output(spec: dict[str, Any], x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
