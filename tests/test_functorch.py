@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed import COLLECTIVES, my_slice, run_on_ranks
+from distributed import COLLECTIVES, my_slice, run_on_ranks, use_kernels
 from reference import assert_close, check_model_against_reference
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
@@ -57,8 +57,13 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def rank_transform_is_refused(transform: str, norm: str, track: bool, state: dict[str, Any], x: torch.Tensor,
-                              target: torch.Tensor, dy: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
+def rank_transform_is_refused(kernels: str, *args: Any) -> dict[str, Any]:
+    with use_kernels(kernels):
+        return _transform_is_refused(*args)
+
+
+def _transform_is_refused(transform: str, norm: str, track: bool, state: dict[str, Any], x: torch.Tensor,
+                          target: torch.Tensor, dy: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
     model = syncnorm.convert_model(_model(norm, track))
     model.load_state_dict(state)
     before = _state(model)
@@ -79,11 +84,12 @@ def rank_transform_is_refused(transform: str, norm: str, track: bool, state: dic
             "buffers": {n: b.clone() for n, b in model.named_buffers()}}
 
 
+@pytest.mark.parametrize("kernels", ["native", "fused"])
 @pytest.mark.parametrize("norm", list(NORMS))
 @pytest.mark.parametrize(("transform", "track"), [("grad", False), ("vmap", True)],
                          ids=["grad-maml-no-running-stats", "vmap-running-stats"])
 def test_a_transform_through_a_synchronised_forward_is_refused_on_every_rank_before_any_change(
-    transform: str, track: bool, norm: str
+    transform: str, track: bool, norm: str, kernels: str
 ) -> None:
     generator = torch.Generator().manual_seed(1)
     sizes = [3, 2]
@@ -95,8 +101,8 @@ def test_a_transform_through_a_synchronised_forward_is_refused_on_every_rank_bef
         for name, buffer in model.named_buffers():
             if "running" in name:
                 buffer.uniform_(0.5, 1.5, generator=generator)
-    reports = run_on_ranks(2, rank_transform_is_refused, transform, norm, track, model.state_dict(), x, target, dy,
-                           sizes)
+    reports = run_on_ranks(2, rank_transform_is_refused, kernels, transform, norm, track, model.state_dict(), x, target,
+                           dy, sizes)
     for report in reports:
         assert report["error"] in ("NotImplementedError", "SyncNormError"), report["error"]
         message = report["message"]

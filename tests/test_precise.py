@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torchvision
-from distributed import COLLECTIVES, my_slice, rank, run_on_ranks
+from distributed import COLLECTIVES, my_slice, rank, run_on_ranks, use_kernels
 from reference import assert_close, check_model_against_reference
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
@@ -232,8 +232,13 @@ def _group(name: str) -> Any:
     return _GROUPS[name]
 
 
-def rank_precise_over_a_group(state: dict[str, Any], loaders: list[list[Any]], group_name: str, x: torch.Tensor,
-                              dy: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
+def rank_precise_over_a_group(kernels: str, *args: Any) -> dict[str, Any]:
+    with use_kernels(kernels):
+        return _precise_over_a_group(*args)
+
+
+def _precise_over_a_group(state: dict[str, Any], loaders: list[list[Any]], group_name: str, x: torch.Tensor,
+                          dy: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
     """update_bn_stats over ``group_name`` on the ranks of that group; then one training step over the world."""
     group = _group(group_name)
     model = bn_model()
@@ -264,13 +269,17 @@ def _check_step_over_the_world(reports: list[dict[str, Any]], x: torch.Tensor, d
         check_model_against_reference([{**r, "buffers": report["buffers"]} for r in reports], reference, x, dy)
 
 
-def test_a_group_of_one_rank_recomputes_its_own_statistics_without_the_others() -> None:
+BACKENDS = pytest.mark.parametrize("kernels", ["native", "fused"])
+
+
+@BACKENDS
+def test_a_group_of_one_rank_recomputes_its_own_statistics_without_the_others(kernels: str) -> None:
     """Issue 22, defect 7: with a group of this rank alone, no layer waits for another rank."""
     model = bn_model()
     # Loaders of 2, 3 and 4 batches: a layer still synchronising over the world would hang or mix batches.
     loaders = [batches([2 + i % 2 for i in range(2 + r)], seed=20 + r) for r in range(3)]
     x, dy, sizes = torch.randn(7, 3, 4, 4), torch.randn(7, 6), [2, 3, 2]
-    reports = run_on_ranks(3, rank_precise_over_a_group, model.state_dict(), loaders, "single", x, dy, sizes)
+    reports = run_on_ranks(3, rank_precise_over_a_group, kernels, model.state_dict(), loaders, "single", x, dy, sizes)
     for report, loader in zip(reports, loaders):
         assert report["calls"] == [] and report["restored"], report["calls"]
         expected = population_statistics(model, [[batch] for batch, _ in loader])
@@ -278,12 +287,13 @@ def test_a_group_of_one_rank_recomputes_its_own_statistics_without_the_others() 
     _check_step_over_the_world(reports, x, dy)
 
 
-def test_a_subset_group_pools_its_ranks_only() -> None:
+@BACKENDS
+def test_a_subset_group_pools_its_ranks_only(kernels: str) -> None:
     """Issue 22, defect 7: ranks 0 and 1 of 3 recompute over their pair; rank 2 does not take part."""
     model = bn_model()
     loaders = [batches([3, 2, 4], seed=30), batches([2, 3], seed=31), []]
     x, dy, sizes = torch.randn(6, 3, 4, 4), torch.randn(6, 6), [3, 1, 2]
-    reports = run_on_ranks(3, rank_precise_over_a_group, model.state_dict(), loaders, "pair", x, dy, sizes)
+    reports = run_on_ranks(3, rank_precise_over_a_group, kernels, model.state_dict(), loaders, "pair", x, dy, sizes)
     expected = population_statistics(model, [[torch.cat([a, b])] for (a, _), (b, _) in zip(*loaders[:2])])
     for report in reports[:2]:
         check_statistics_in(report["precise"], expected)
