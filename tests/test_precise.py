@@ -224,9 +224,11 @@ _GROUPS: dict[str, Any] = {}
 
 
 def _group(name: str) -> Any:
-    """This rank's group ``name``: "single" (this rank alone) or "pair" (ranks 0 and 1; None on rank 2)."""
+    """This rank's group ``name``: "single" (this rank alone), "rank0" (rank 0 alone; None elsewhere) or "pair"
+    (ranks 0 and 1; None on rank 2). None: this rank does not call update_bn_stats."""
     if not _GROUPS:  # new_group is collective: every rank builds every group, in the same order, once per pool
         _GROUPS["single"] = syncnorm.new_sync_groups(1)
+        _GROUPS["rank0"] = _GROUPS["single"] if rank() == 0 else None
         pair = dist.new_group([0, 1])
         _GROUPS["pair"] = pair if rank() in (0, 1) else None
     return _GROUPS[name]
@@ -284,6 +286,20 @@ def test_a_group_of_one_rank_recomputes_its_own_statistics_without_the_others(ke
         assert report["calls"] == [] and report["restored"], report["calls"]
         expected = population_statistics(model, [[batch] for batch, _ in loader])
         check_statistics_in(report["precise"], expected)
+    _check_step_over_the_world(reports, x, dy)
+
+
+def test_rank_zero_alone_recomputes_its_statistics_while_the_others_do_something_else() -> None:
+    """Issue 22, defect 7, as reported: precise BN on rank 0 only (before a rank-0-only evaluation)."""
+    model = bn_model()
+    loaders = [batches([2, 3, 2], seed=40), [], []]
+    x, dy, sizes = torch.randn(7, 3, 4, 4), torch.randn(7, 6), [2, 3, 2]
+    reports = run_on_ranks(3, rank_precise_over_a_group, "native", model.state_dict(), loaders, "rank0", x, dy, sizes)
+    assert all(r["calls"] == [] and r["restored"] for r in reports)
+    check_statistics_in(reports[0]["precise"], population_statistics(model, [[batch] for batch, _ in loaders[0]]))
+    for report in reports[1:]:
+        for name, value in model.named_buffers():
+            assert torch.equal(report["precise"][name], value), name
     _check_step_over_the_world(reports, x, dy)
 
 
