@@ -339,7 +339,7 @@ def _refuse_functorch(layer: str, *tensors: Optional[Tensor]) -> None:
         return
     raise NotImplementedError(
         f"{layer}: torch.func transforms (grad, vmap, jacrev, functionalize, ...) are not supported through a "
-        "synchronised training forward; nothing was changed and nothing was communicated. Use reverse mode "
+        "synchronised training forward; refused before its all-reduce, nothing was changed. Use reverse mode "
         "(loss.backward() or torch.autograd.grad), or run the layer in eval() mode, without a process group, or "
         "in a process group of one rank, where it is plain batch_norm and torch.func supports it."
     )
