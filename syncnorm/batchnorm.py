@@ -317,6 +317,7 @@ def sync_batch_norm(
     if group is None or not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
     _refuse_forward_ad(layer, input, weight, bias)
+    _refuse_functorch(layer, input, weight, bias)
     cache = None if owner is None else _shift.for_step(owner, group, input)
     output: Tensor = SyncBatchNormFunction.apply(
         input, weight, bias, running_mean, running_var, eps, momentum, group, layer, cache, update_cache
@@ -334,3 +335,23 @@ def _refuse_forward_ad(layer: str, *tensors: Optional[Tensor]) -> None:
             "synchronised training forward; nothing was changed. Use reverse mode (backward), or run the layer "
             "in eval() mode or without a process group, where it is plain batch_norm and supports it."
         )
+
+
+# One C call answers whether a torch.func transform is active (what Function.apply itself asks); torch keeps it
+# private, so if a release drops it, fall back to looking for functorch-wrapped operands.
+_functorch_active: Optional[Callable[[], bool]] = getattr(torch._C, "_are_functorch_transforms_active", None)
+
+
+def _refuse_functorch(layer: str, *tensors: Optional[Tensor]) -> None:
+    """Refuse torch.func transforms before the Function runs: it has no setup_context or vmap rule."""
+    if _functorch_active is not None:
+        if not _functorch_active():  # no transform: one C call, next to nothing per layer call
+            return
+    elif not any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return
+    raise NotImplementedError(
+        f"{layer}: torch.func transforms (grad, vmap, jacrev, functionalize, ...) are not supported through a "
+        "synchronised training forward; refused before its all-reduce, nothing was changed. Use reverse mode "
+        "(loss.backward() or torch.autograd.grad), or run the layer in eval() mode, without a process group, or "
+        "in a process group of one rank, where it is plain batch_norm and torch.func supports it."
+    )

@@ -10,6 +10,7 @@ the exact population statistics, identical on every rank.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
 from collections.abc import Iterable, Iterator
@@ -19,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm, _stats
+from . import _comm, _shift, _stats
+from .convert import _is_synchronised
 
 _WHO = "syncnorm.update_bn_stats"
 
@@ -38,7 +40,12 @@ def update_bn_stats(
     The model runs in training mode under ``torch.no_grad()`` on ``num_batches`` batches of
     ``loader`` on every rank of ``process_group``; each layer normalises as in training (a
     converted model with the statistics of each step's global batch), and every value that enters
-    a BatchNorm layer on any rank is pooled. Then, per channel, with N the number of those values,
+    a BatchNorm layer on any rank is pooled. Given a ``process_group``, every synchronised layer
+    (``syncnorm.SyncBatchNorm``, a converted subclass, ``torch.nn.SyncBatchNorm``) synchronises its
+    forwards over that group alone while this runs, and is afterwards, also if anything fails, as it
+    was before (its own group, and whatever else it keeps besides its running statistics, so that ranks
+    outside the group stay in step with it): with a group of one rank, precise BN before a rank-0-only
+    evaluation involves no other rank. Then, per channel, with N the number of those values,
 
     - ``running_mean`` = their mean, ``sum(x) / N``;
     - ``running_var`` = their variance with Bessel's correction over the global count,
@@ -64,8 +71,10 @@ def update_bn_stats(
             like ``torch.optim.swa_utils.update_bn``.
         num_batches: how many batches each rank uses (default: all of them, up to the shortest
             loader of the group).
-        process_group: the ranks whose batches are pooled (default: the whole world; without an
-            initialised process group, this process alone).
+        process_group: the ranks whose batches are pooled and over which the model's synchronised
+            layers synchronise during this call (default: each layer synchronises over its own group
+            and the pooling is over the whole world; without an initialised process group, this
+            process alone).
         device: where each batch is moved before the forward pass (default: left where it is).
         progress: show a tqdm progress bar on rank 0 (if tqdm is installed).
 
@@ -91,6 +100,7 @@ def update_bn_stats(
     saved = [(_running(m)[0].clone(), _running(m)[1].clone(), _clone(m.num_batches_tracked)) for _, m in layers]
     sums: list[Optional[Tensor]] = [None] * len(layers)
     hooks = [m.register_forward_pre_hook(_accumulator(sums, i)) for i, (_, m) in enumerate(layers)]
+    lent = _lend_group(model, process_group)
     try:
         model.train()
         with torch.no_grad():
@@ -102,6 +112,8 @@ def update_bn_stats(
             _running(m)[1].copy_(var)
         raise
     finally:
+        for layer, before in lent:
+            _put_back(layer, before)
         for hook in hooks:
             hook.remove()
         for module, training in flags.items():
@@ -109,6 +121,49 @@ def update_bn_stats(
         for (_, m), (_mean, _var, tracked) in zip(layers, saved):
             if tracked is not None and m.num_batches_tracked is not None:
                 m.num_batches_tracked.copy_(tracked)
+
+
+def _lend_group(model: nn.Module, group: Optional[_comm.ProcessGroup]) -> list[tuple[nn.Module, dict[str, Any]]]:
+    """Give every synchronised layer of ``model`` the group ``group`` (unless None); each layer and its attributes.
+
+    Without it each forward would synchronise over the layer's own group (the world, by default) and
+    wait for ranks that are not calling update_bn_stats.
+    """
+    if group is None:
+        return []
+    lent = []
+    for m in model.modules():
+        if (_is_synchronised(m) or isinstance(m, nn.SyncBatchNorm)) and m.process_group is not group:
+            lent.append((m, _attributes(m)))
+            m.process_group = group
+    return lent
+
+
+def _attributes(layer: nn.Module) -> dict[str, Any]:
+    """The layer's own attributes (not its parameters, buffers or submodules), tensors and the merge cache copied.
+
+    The merge cache (``_shift``) is updated by the forwards over the lent group on that group's ranks only:
+    put back as a copy of what it was, every rank's cache is the same again (else the next step over the
+    layer's own group would take one more all-reduce on some ranks than on others).
+    """
+    return {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) if isinstance(v, _shift.MergeShift) else v
+            for k, v in vars(layer).items()}
+
+
+def _put_back(layer: nn.Module, before: dict[str, Any]) -> None:
+    """Give ``layer`` the attributes ``before`` again: its own group, and any cache the forwards over the lent
+    group changed (on the ranks of that group only, so the ranks outside it would otherwise disagree)."""
+    state = vars(layer)
+    for name in [name for name in state if name not in before]:
+        del state[name]
+    for name, value in before.items():
+        current = state.get(name)
+        if (isinstance(value, Tensor) and isinstance(current, Tensor)
+                and (current.shape, current.dtype, current.device) == (value.shape, value.dtype, value.device)):
+            with torch.no_grad():
+                current.copy_(value)  # in place: the tensor a compiled graph may hold stays the same object
+        else:
+            state[name] = value
 
 
 def _running(layer: _BatchNorm) -> tuple[Tensor, Tensor]:

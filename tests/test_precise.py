@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torchvision
-from distributed import COLLECTIVES, rank, run_on_ranks
-from reference import assert_close
+from distributed import COLLECTIVES, my_slice, rank, run_on_ranks, use_kernels
+from reference import assert_close, check_model_against_reference
 from timm.layers.norm_act import BatchNormAct2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -215,3 +216,157 @@ def test_float64_population_statistics_are_exact_when_the_mean_dwarfs_the_spread
     pooled = torch.cat(data)
     torch.testing.assert_close(model[0].running_mean, pooled.mean(0), rtol=1e-15, atol=0)
     torch.testing.assert_close(model[0].running_var, pooled.var(0), rtol=1e-10, atol=0)
+
+
+# --------------------------------------------------------------------------- issue 22, defect 7: process_group
+
+
+_GROUPS: dict[str, Any] = {}
+
+
+def _group(name: str) -> Any:
+    """This rank's group ``name``: "single" (this rank alone), "rank0" (rank 0 alone; None elsewhere) or "pair"
+    (ranks 0 and 1; None on rank 2). None: this rank does not call update_bn_stats."""
+    if not _GROUPS:  # new_group is collective: every rank builds every group, in the same order, once per pool
+        _GROUPS["single"] = syncnorm.new_sync_groups(1)
+        _GROUPS["rank0"] = _GROUPS["single"] if rank() == 0 else None
+        pair = dist.new_group([0, 1])
+        _GROUPS["pair"] = pair if rank() in (0, 1) else None
+    return _GROUPS[name]
+
+
+def rank_precise_over_a_group(kernels: str, *args: Any) -> dict[str, Any]:
+    with use_kernels(kernels):
+        return _precise_over_a_group(*args)
+
+
+def _precise_over_a_group(state: dict[str, Any], loaders: list[list[Any]], group_name: str, x: torch.Tensor,
+                          dy: torch.Tensor, sizes: list[int], warm: bool = False) -> dict[str, Any]:
+    """update_bn_stats over ``group_name`` on the ranks of that group; then one training step over the world.
+
+    ``warm``: first one training step over the world, its buffers then put back in place, so that every
+    layer's merge cache is known on every rank (update_bn_stats must leave it so on every rank).
+    """
+    group = _group(group_name)
+    model = bn_model()
+    model.load_state_dict(state)
+    syncnorm.convert_model(model)  # every layer's own group: the world
+    if warm:
+        model(my_slice(x, sizes) + 1.0).sum().backward()
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(state[name])
+        model.zero_grad(set_to_none=True)
+    synchronised = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    own = [m.process_group for m in synchronised]
+    COLLECTIVES.reset()
+    if group is not None:
+        syncnorm.update_bn_stats(model, loaders[rank()], process_group=group, progress=False)
+    calls = COLLECTIVES.names()
+    restored = all(m.process_group is g for m, g in zip(synchronised, own)) and len(own) == 3
+    precise = {n: b.clone() for n, b in model.named_buffers()}
+    xl = my_slice(x, sizes).requires_grad_()
+    COLLECTIVES.reset()
+    y = model(xl)
+    (y * my_slice(dy, sizes)).sum().backward()
+    return {"precise": precise, "calls": calls, "restored": restored, "y": y.detach(), "grad_x": xl.grad,
+            "step_calls": COLLECTIVES.names(),
+            "grads": {n: p.grad for n, p in model.named_parameters()},
+            "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+
+
+def _check_step_over_the_world(reports: list[dict[str, Any]], x: torch.Tensor, dy: torch.Tensor) -> None:
+    """A training step after update_bn_stats synchronised over the layers' own group, the world."""
+    for report in reports:
+        # Each rank starts the step from its own precise statistics: its own float64 reference.
+        reference = bn_model()
+        reference.load_state_dict(report["precise"], strict=False)  # its parameters: bn_model()'s
+        check_model_against_reference([{**r, "buffers": report["buffers"]} for r in reports], reference, x, dy)
+
+
+BACKENDS = pytest.mark.parametrize("kernels", ["native", "fused"])
+
+
+@BACKENDS
+def test_a_group_of_one_rank_recomputes_its_own_statistics_without_the_others(kernels: str) -> None:
+    """Issue 22, defect 7: with a group of this rank alone, no layer waits for another rank."""
+    model = bn_model()
+    # Loaders of 2, 3 and 4 batches: a layer still synchronising over the world would hang or mix batches.
+    loaders = [batches([2 + i % 2 for i in range(2 + r)], seed=20 + r) for r in range(3)]
+    x, dy, sizes = torch.randn(7, 3, 4, 4), torch.randn(7, 6), [2, 3, 2]
+    reports = run_on_ranks(3, rank_precise_over_a_group, kernels, model.state_dict(), loaders, "single", x, dy, sizes)
+    for report, loader in zip(reports, loaders):
+        assert report["calls"] == [] and report["restored"], report["calls"]
+        expected = population_statistics(model, [[batch] for batch, _ in loader])
+        check_statistics_in(report["precise"], expected)
+    _check_step_over_the_world(reports, x, dy)
+
+
+def test_rank_zero_alone_recomputes_its_statistics_while_the_others_do_something_else() -> None:
+    """Issue 22, defect 7, as reported: precise BN on rank 0 only (before a rank-0-only evaluation)."""
+    model = bn_model()
+    loaders = [batches([2, 3, 2], seed=40), [], []]
+    x, dy, sizes = torch.randn(7, 3, 4, 4), torch.randn(7, 6), [2, 3, 2]
+    reports = run_on_ranks(3, rank_precise_over_a_group, "native", model.state_dict(), loaders, "rank0", x, dy, sizes)
+    assert all(r["calls"] == [] and r["restored"] for r in reports)
+    check_statistics_in(reports[0]["precise"], population_statistics(model, [[batch] for batch, _ in loaders[0]]))
+    for report in reports[1:]:
+        for name, value in model.named_buffers():
+            assert torch.equal(report["precise"][name], value), name
+    _check_step_over_the_world(reports, x, dy)
+
+
+@BACKENDS
+def test_a_subset_group_pools_its_ranks_only(kernels: str) -> None:
+    """Issue 22, defect 7: ranks 0 and 1 of 3 recompute over their pair; rank 2 does not take part.
+
+    The layers trained over the world first (their merge caches known on every rank); update_bn_stats
+    changes the pair's caches only, so it must put them back: the step over the world after it then takes
+    the same collectives on every rank (one all-reduce per layer each way), not one more on the pair's.
+    """
+    model = bn_model()
+    loaders = [batches([3, 2, 4], seed=30), batches([2, 3], seed=31), []]
+    x, dy, sizes = torch.randn(6, 3, 4, 4), torch.randn(6, 6), [3, 1, 2]
+    reports = run_on_ranks(3, rank_precise_over_a_group, kernels, model.state_dict(), loaders, "pair", x, dy, sizes,
+                           True)
+    assert all(r["step_calls"] == ["all_reduce"] * 6 for r in reports), [r["step_calls"] for r in reports]
+    expected = population_statistics(model, [[torch.cat([a, b])] for (a, _), (b, _) in zip(*loaders[:2])])
+    for report in reports[:2]:
+        check_statistics_in(report["precise"], expected)
+        # Per batch one all-reduce for the flag and one per layer, the exhausted flag, the two moments; and one
+        # more per layer at the first batch (a layer's merge cache over the pair is unknown, syncnorm/_shift.py).
+        assert report["calls"] == ["all_reduce"] * (2 * 4 + 1 + 2 + 3) and report["restored"], report["calls"]
+    for name, value in model.named_buffers():  # rank 2 took no part
+        assert torch.equal(reports[2]["precise"][name], value), name
+    assert reports[2]["calls"] == []
+    _check_step_over_the_world(reports, x, dy)
+
+
+def check_statistics_in(buffers: dict[str, torch.Tensor], expected: dict[str, tuple[torch.Tensor, ...]]) -> None:
+    for name, (mean, var) in expected.items():
+        assert_close(buffers[f"{name}.running_mean"], mean, torch.float32, f"{name} running_mean")
+        assert_close(buffers[f"{name}.running_var"], var, torch.float32, f"{name} running_var")
+
+
+def rank_precise_fails_inside_a_lent_group() -> dict[str, Any]:
+    """A model whose second layer (torch's SyncBatchNorm, GPU-only in training) raises inside update_bn_stats."""
+    group = _group("single")
+    model = nn.Sequential(syncnorm.SyncBatchNorm(3), nn.SyncBatchNorm(3))
+    seen = []
+    for m in model:
+        m.register_forward_pre_hook(lambda m, args: seen.append(m.process_group))
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    try:
+        syncnorm.update_bn_stats(model, [torch.randn(4, 3) + 2], process_group=group, progress=False)
+    except ValueError as error:
+        message = str(error)
+    else:
+        message = ""
+    return {"lent": [g is group for g in seen], "restored": [m.process_group is None for m in model],
+            "message": message, "unchanged": all(torch.equal(b, before[n]) for n, b in model.named_buffers())}
+
+
+def test_every_layer_gets_its_own_group_back_when_update_bn_stats_fails() -> None:
+    for report in run_on_ranks(3, rank_precise_fails_inside_a_lent_group):
+        assert report["lent"] == [True, True] and "GPU" in report["message"], report
+        assert report["restored"] == [True, True] and report["unchanged"], report
