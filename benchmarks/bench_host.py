@@ -26,11 +26,12 @@ Paths (columns):
   (a CUDA launch, or a Triton launch's own argument binding, adds a few us each on a GPU host).
   Differences from a GPU host that remain: a stand-in is a Python function where the real op is C++;
   ``torch.cuda.device`` contexts and CUDA allocator calls are not made; ``SYNCNORM_KERNELS=fused`` is
-  set explicitly, so syncnorm checks per call that the fused ops exist for the device (today four
-  dispatcher look-ups, a few us each), which the default on a CUDA tensor skips.
+  set explicitly, so syncnorm checks that the fused ops exist for the device (four dispatcher
+  look-ups, once: the answer is cached), which the default on a CUDA tensor skips.
 
 The checks table shows, for one step of each path, the collectives, host syncs (``.item()`` and
-friends), syncnorm custom ops and Triton launches seen: a path that silently fell back (no Triton
+friends), syncnorm custom ops (none in eager steps: they launch the Triton kernels directly, the custom
+ops are what torch.compile traces) and Triton launches seen: a path that silently fell back (no Triton
 launch, no all-reduce) shows there. ``--profile PATH`` prints where one path's host time goes
 (cProfile by function, sorted by own time, and torch.profiler by op) instead of the table.
 

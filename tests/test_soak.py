@@ -69,7 +69,10 @@ def _measure() -> dict[str, int]:
         if issubclass(type(o), torch.Tensor):  # type(), not isinstance: no proxy object's __class__ runs
             tensors += 1
             storage = o.untyped_storage()
-            storages[storage.data_ptr()] = storage.nbytes()
+            try:
+                storages[storage.data_ptr()] = storage.nbytes()
+            except RuntimeError:  # a fake tensor (torch.compile's caches, from earlier tests in this process): no bytes
+                continue
     measured = {"tensors": tensors, "tensor_bytes": sum(storages.values()), "objects": len(objects),
                 "object_bytes": sum(sys.getsizeof(o) for o in objects), "rss_bytes": rss}
     del objects
