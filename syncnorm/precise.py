@@ -29,7 +29,7 @@ def update_bn_stats(
     loader: Iterable[Any],
     num_batches: Optional[int] = None,
     *,
-    process_group: Optional[_comm.ProcessGroup] = None,
+    process_group: _comm.GroupOrMesh = None,
     device: Optional[torch.device | str] = None,
     progress: bool = True,
 ) -> None:
@@ -65,7 +65,8 @@ def update_bn_stats(
         num_batches: how many batches each rank uses (default: all of them, up to the shortest
             loader of the group).
         process_group: the ranks whose batches are pooled (default: the whole world; without an
-            initialised process group, this process alone).
+            initialised process group, this process alone): a ProcessGroup or a DeviceMesh
+            (``mesh["dp"]``; an N-D mesh pools all of its ranks).
         device: where each batch is moved before the forward pass (default: left where it is).
         progress: show a tqdm progress bar on rank 0 (if tqdm is installed).
 
@@ -79,6 +80,7 @@ def update_bn_stats(
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"{_WHO} expected num_batches >= 1 or None (all batches), got {num_batches}.")
+    resolved = _comm.resolve_group(process_group, _WHO)  # on every rank, first: a mesh's group is collective
     layers = [
         (name, m) for name, m in model.named_modules()
         if isinstance(m, _BatchNorm) and m.running_mean is not None and m.running_var is not None
@@ -86,7 +88,7 @@ def update_bn_stats(
     # Identical models on every rank: either all ranks return here or none does.
     if not layers:
         return
-    group = _comm.statistics_group(process_group, _WHO)
+    group = _comm.statistics_group(resolved, _WHO)
     flags = {m: m.training for m in model.modules()}
     saved = [(_running(m)[0].clone(), _running(m)[1].clone(), _clone(m.num_batches_tracked)) for _, m in layers]
     sums: list[Optional[Tensor]] = [None] * len(layers)
