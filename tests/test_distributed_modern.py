@@ -1,0 +1,242 @@
+"""DeviceMesh, FSDP2 (``fully_shard``) and ``torch.distributed.checkpoint`` on real Gloo ranks.
+
+Every multi-rank result is compared with torch's own BatchNorm in float64 in this process, on the
+concatenation of every rank's batch (tests/reference.py), never with syncnorm itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed import COLLECTIVES, my_slice, rank, run_on_ranks
+from reference import assert_close, reference_module, reference_step
+from torch import nn
+
+import syncnorm
+
+C = 3
+SIZES = [3, 5]  # uneven on purpose
+
+
+def _batches(steps: int, sizes: list[int], shape: tuple[int, ...] = (C, 4, 4), seed: int = 0) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        offset = torch.randn(shape[0], generator=generator, dtype=torch.float64).view(-1, *[1] * (len(shape) - 1))
+        x = torch.randn(sum(sizes), *shape, generator=generator, dtype=torch.float64) * 2 + offset
+        dy = torch.randn(sum(sizes), *shape, generator=generator, dtype=torch.float64)
+        out.append({"x": x.float(), "dy": dy.float(), "sizes": sizes})
+    return out
+
+
+def _meshes() -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh_2d = init_device_mesh("cpu", (2, 1), mesh_dim_names=("dp", "tp"))
+    return {"1-D": init_device_mesh("cpu", (2,)), "2-D": mesh_2d, "sub-mesh": mesh_2d["dp"]}
+
+
+def rank_mesh_layer_steps(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """On one rank: a SyncBatchNorm over each kind of mesh, trained on this rank's slices; everything reported."""
+    results: dict[str, Any] = {}
+    for name, mesh in _meshes().items():
+        bn = syncnorm.SyncBatchNorm(C, process_group=mesh)
+        again = syncnorm.SyncBatchNorm(C, process_group=mesh)
+        model = syncnorm.convert_model(nn.Sequential(nn.BatchNorm2d(C), nn.BatchNorm2d(C)), process_group=mesh)
+        groups = [bn.process_group, again.process_group, model[0].process_group, model[1].process_group]
+        assert all(g is groups[0] for g in groups), f"{name}: one mesh gave several group objects"
+        if mesh.ndim == 1:
+            assert groups[0] is mesh.get_group()
+        reports = []
+        for step in batches:
+            x = my_slice(step["x"], step["sizes"]).requires_grad_()
+            COLLECTIVES.reset()
+            y = bn(x)
+            forward_calls = list(COLLECTIVES.calls)
+            (y * my_slice(step["dy"], step["sizes"])).sum().backward()
+            reports.append({"y": y.detach(), "grad_x": x.grad, "grad_weight": bn.weight.grad.clone(),
+                            "grad_bias": bn.bias.grad.clone(), "running_mean": bn.running_mean.clone(),
+                            "running_var": bn.running_var.clone(), "forward_calls": forward_calls,
+                            "ranks": dist.get_process_group_ranks(bn.process_group)})
+            bn.weight.grad = bn.bias.grad = None
+        loader = [my_slice(step["x"], step["sizes"]) for step in batches]
+        syncnorm.update_bn_stats(model, loader, process_group=mesh, progress=False)
+        reports.append({"population": (model[0].running_mean.clone(), model[0].running_var.clone())})
+        results[name] = reports
+    return results
+
+
+_MESH_RUN: list[Any] = []  # one run on the ranks for the three kinds of mesh
+
+
+@pytest.mark.parametrize("kind", ["1-D", "2-D", "sub-mesh"])
+def test_a_device_mesh_pools_its_ranks_with_one_all_reduce_a_step(kind: str) -> None:
+    batches = _batches(3, SIZES)
+    if not _MESH_RUN:
+        _MESH_RUN.append(run_on_ranks(2, rank_mesh_layer_steps, batches))
+    per_rank = [r[kind] for r in _MESH_RUN[0]]
+    reference = reference_module(4, C, {}, torch.ones(C), torch.zeros(C))
+    for i, step in enumerate(batches):
+        expected = reference_step(reference, step["x"], step["dy"])
+        got = [reports[i] for reports in per_rank]
+        assert all(g["ranks"] == [0, 1] for g in got)
+        assert_close(torch.cat([g["y"] for g in got]), expected["y"], torch.float32, f"step {i} output")
+        assert_close(torch.cat([g["grad_x"] for g in got]), expected["grad_x"], torch.float32, f"step {i} grad_x")
+        for key in ("grad_weight", "grad_bias"):
+            assert_close(sum(g[key].double() for g in got), expected[key], torch.float32, f"step {i} {key}")
+        for g in got:
+            for key in ("running_mean", "running_var"):
+                assert_close(g[key], expected[key], torch.float32, f"step {i} {key}")
+            # The merge cache is keyed on the group object: only if the mesh resolves to the same object
+            # at every step does a step after the first take the one all-reduce of 4C+1 float64 values.
+            if i > 0:
+                assert g["forward_calls"] == [("all_reduce", 4 * C + 1, 8 * (4 * C + 1))], g["forward_calls"]
+    everything = torch.cat([step["x"] for step in batches]).double()
+    for reports in per_rank:
+        mean, var = reports[-1]["population"]
+        assert_close(mean, everything.mean((0, 2, 3)), torch.float32, "population mean")
+        assert_close(var, everything.var((0, 2, 3)), torch.float32, "population variance")
+
+
+def rank_refuse_a_mesh_without_this_rank(ndim: int) -> str:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    mesh = DeviceMesh("cpu", [0] if ndim == 1 else [[0]])
+    try:
+        syncnorm.convert_model(nn.BatchNorm2d(C), process_group=mesh)
+    except ValueError as error:
+        return str(error)
+    return "accepted"
+
+
+@pytest.mark.parametrize("ndim", [1, 2], ids=["1-D", "2-D"])
+def test_a_mesh_without_this_rank_is_refused_on_that_rank(ndim: int) -> None:
+    on_rank_0, on_rank_1 = run_on_ranks(2, rank_refuse_a_mesh_without_this_rank, ndim)
+    assert on_rank_0 == "accepted"
+    assert "syncnorm.convert_model got a DeviceMesh that does not contain this process (global rank 1" in on_rank_1
+
+
+@pytest.mark.parametrize("bad", ["dp", 2, [0, 1]], ids=["str", "int", "list"])
+def test_neither_a_group_nor_a_mesh_is_refused(bad: Any) -> None:
+    with pytest.raises(TypeError, match="syncnorm.SyncBatchNorm expected process_group to be a torch.distributed "
+                                        "ProcessGroup, a DeviceMesh or None"):
+        syncnorm.SyncBatchNorm(C, process_group=bad)
+    with pytest.raises(TypeError, match="syncnorm.convert_model expected process_group"):
+        syncnorm.convert_model(nn.BatchNorm2d(C), process_group=bad)
+    with pytest.raises(TypeError, match="syncnorm.update_bn_stats expected process_group"):
+        syncnorm.update_bn_stats(nn.BatchNorm2d(C), [], process_group=bad)
+
+
+# ---------------------------------------------------------------- FSDP2 (fully_shard) on a 1-D mesh
+
+
+def _net() -> nn.Module:
+    """A tiny conv net with two BatchNorm layers, the same in every process (fixed seed).
+
+    Its activation is smooth: a ReLU would let a bfloat16 rounding of an output near 0 flip a gradient
+    mask, an O(1) difference in one element whichever BatchNorm runs (seen with torch's too).
+    """
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.SiLU(),
+                        nn.Conv2d(4, C, 1, bias=False), nn.BatchNorm2d(C))
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def _sharded_net(param_dtype: torch.dtype | None, mesh: Any = None) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if mesh is None else mesh
+    model = syncnorm.convert_model(_net())
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype))
+    return model
+
+
+def _report(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """What one step of a sharded model left: output, input gradient, full gradients, buffers (full tensors)."""
+    def full(t: torch.Tensor) -> torch.Tensor:
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    return {"y": y.detach().float(), "grad_x": None if x.grad is None else x.grad.clone(),
+            "grads": {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None},
+            "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+
+
+def rank_fsdp_steps(batches: list[dict[str, Any]], param_dtype: torch.dtype | None) -> list[dict[str, Any]]:
+    model = _sharded_net(param_dtype)
+    reports = []
+    for step in batches:
+        x = my_slice(step["x"], step["sizes"]).requires_grad_()
+        y = model(x)
+        (y.float() * my_slice(step["dy"], step["sizes"])).sum().backward()
+        reports.append(_report(model, x, y))
+        model.zero_grad(set_to_none=True)
+    return reports
+
+
+def _reference_steps(batches: list[dict[str, Any]], dtype: torch.dtype) -> list[dict[str, Any]]:
+    """torch's own layers in one process, the whole batch, every parameter and buffer in ``dtype``."""
+    net = _net().to(dtype)
+    out = []
+    for step in batches:
+        x = step["x"].to(dtype).requires_grad_()
+        y = net(x)
+        (y * step["dy"].to(dtype)).sum().backward()
+        out.append({"y": y.detach(), "grad_x": x.grad, "grads": {n: p.grad for n, p in net.named_parameters()},
+                    "buffers": {n: b.clone() for n, b in net.named_buffers()}})
+        net.zero_grad(set_to_none=True)
+    return out
+
+
+def _errors(per_rank: list[dict[str, Any]], expected: dict[str, Any]) -> dict[str, float]:
+    """Relative errors (norm of the error over norm of the value) of the output and the input gradient, both
+    concatenated over ranks, and of all parameter gradients and all floating buffers (each tensor relative to
+    its own norm, then pooled): FSDP averages gradients over ranks, so W times the full gradient is the sum."""
+    world = len(per_rank)
+    grads = [_relative(per_rank[0]["grads"][name] * world, grad) for name, grad in expected["grads"].items()]
+    buffers = [_relative(per_rank[0]["buffers"][name], buffer)
+               for name, buffer in expected["buffers"].items() if buffer.is_floating_point()]
+    return {"output": float(_relative(torch.cat([r["y"] for r in per_rank]), expected["y"]).norm()),
+            "grad_x": float(_relative(torch.cat([r["grad_x"] for r in per_rank]), expected["grad_x"]).norm()),
+            "parameter gradients": float(torch.cat(grads).norm()),
+            "running statistics": float(torch.cat(buffers).norm())}
+
+
+def _relative(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    return ((actual.double() - expected.double()) / expected.double().norm()).flatten()
+
+
+@pytest.mark.parametrize("param_dtype", [None, torch.bfloat16], ids=["float32", "bfloat16-policy"])
+def test_fully_shard_of_a_converted_net_matches_one_process_on_the_whole_batch(param_dtype: Any) -> None:
+    batches = _batches(2, SIZES)
+    per_rank = run_on_ranks(2, rank_fsdp_steps, batches, param_dtype)
+    reference = _reference_steps(batches, torch.float64)
+    # torch's own error in bfloat16: the same net, every parameter and buffer in bfloat16, in one process.
+    torch_bf16 = _reference_steps(batches, torch.bfloat16) if param_dtype is not None else None
+    for i, expected in enumerate(reference):
+        got = [reports[i] for reports in per_rank]
+        for r in got[1:]:  # FSDP2 has no broadcast_buffers: syncnorm keeps them identical
+            for name, buffer in got[0]["buffers"].items():
+                assert torch.equal(r["buffers"][name], buffer), f"step {i} {name} differs between ranks"
+        assert int(got[0]["buffers"]["1.num_batches_tracked"]) == i + 1
+        errors = _errors(got, expected)
+        if torch_bf16 is None:
+            tolerance = dict.fromkeys(errors, 1e-5)
+        else:
+            tolerance = {name: 2 * error for name, error in _errors([torch_bf16[i]], expected).items()}
+            # torch's bfloat16 net keeps its running statistics in bfloat16 and syncnorm's stay float32 (FSDP
+            # casts parameters only): their errors differ in kind, so these get the bfloat16 tolerance instead.
+            del errors["running statistics"]
+            for name, buffer in expected["buffers"].items():
+                if buffer.is_floating_point():
+                    assert_close(got[0]["buffers"][name], buffer, torch.bfloat16, f"step {i} {name}")
+                    assert got[0]["buffers"][name].dtype == torch.float32
+        too_large = {name: (error, tolerance[name]) for name, error in errors.items() if error > tolerance[name]}
+        assert not too_large, f"step {i}: (relative error, allowed) {too_large}"
