@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from distributed import COLLECTIVES, my_slice, rank, run_on_ranks
+from distributed import COLLECTIVES, my_slice, run_on_ranks
 from reference import assert_close, reference_module, reference_step
 from torch import nn
 
@@ -240,3 +240,88 @@ def test_fully_shard_of_a_converted_net_matches_one_process_on_the_whole_batch(p
                     assert got[0]["buffers"][name].dtype == torch.float32
         too_large = {name: (error, tolerance[name]) for name, error in errors.items() if error > tolerance[name]}
         assert not too_large, f"step {i}: (relative error, allowed) {too_large}"
+
+
+# ---------------------------------------------------------------- torch.distributed.checkpoint
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, dy: torch.Tensor,
+                scale: float = 1.0) -> torch.Tensor:
+    y = model(x)
+    ((y * dy).sum() * scale).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return y.detach()
+
+
+def rank_dcp_train(path: str, batches: list[dict[str, Any]], before: int, resume: bool) -> dict[str, Any]:
+    """FSDP2 training on this rank's slices: ``before`` steps then a DCP save, or (``resume``) a DCP load; then
+    the remaining steps. Reports the full state dict at the checkpoint and at the end, and every later output."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    model = _sharded_net(None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    slices = [(my_slice(s["x"], s["sizes"]), my_slice(s["dy"], s["sizes"])) for s in batches]
+    if resume:
+        state = get_model_state_dict(model)
+        dcp.load({"model": state}, checkpoint_id=path)
+        set_model_state_dict(model, state)
+    else:
+        for x, dy in slices[:before]:
+            _train_step(model, optimizer, x, dy)
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=path)
+    def full_state() -> dict[str, torch.Tensor]:  # copies: buffers come back as the model's own tensors
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {name: t.clone() for name, t in get_model_state_dict(model, options=options).items()}
+
+    at_checkpoint = full_state()
+    outputs = [_train_step(model, optimizer, x, dy) for x, dy in slices[before:]]
+    return {"at_checkpoint": at_checkpoint, "outputs": outputs, "final": full_state()}
+
+
+def _assert_states_close(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str,
+                         exact: bool = False) -> None:
+    assert state.keys() == expected.keys(), what
+    for name, value in expected.items():
+        if exact or not value.is_floating_point():
+            assert torch.equal(state[name], value), f"{what}: {name}"
+        else:
+            assert_close(state[name], value, torch.float32, f"{what}: {name}")
+
+
+def test_a_dcp_checkpoint_of_fully_shard_on_two_ranks_resumes_on_two_and_in_one_process(tmp_path: Any) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    batches, before, path = _batches(4, SIZES, seed=1), 2, str(tmp_path / "checkpoint")
+    uninterrupted = run_on_ranks(2, rank_dcp_train, path, batches, before, False)
+    saved = uninterrupted[0]["at_checkpoint"]  # the full state dict lands on rank 0 (cpu_offload)
+    assert int(saved["1.num_batches_tracked"]) == before
+
+    # World size 1: this process, no process group, into revert_model's plain torch model.
+    plain = syncnorm.revert_model(syncnorm.convert_model(_net()))
+    assert type(plain[1]) is nn.BatchNorm2d
+    state = plain.state_dict()
+    dcp.load({"model": state}, checkpoint_id=path, no_dist=True)
+    plain.load_state_dict(state)
+    _assert_states_close(plain.state_dict(), saved, "loaded in one process", exact=True)
+
+    # Training resumes in one process on the whole batch as it went on across the two ranks (FSDP averages the
+    # ranks' gradients: the loss of the whole batch over W gives the same gradient).
+    model = syncnorm.convert_model(plain)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step, expected in zip(batches[before:], zip(*[r["outputs"] for r in uninterrupted])):
+        y = _train_step(model, optimizer, step["x"], step["dy"], scale=1 / len(SIZES))
+        assert_close(y, torch.cat(expected), torch.float32, "output after resuming in one process")
+    _assert_states_close(model.state_dict(), uninterrupted[0]["final"], "resumed in one process")
+
+    resumed = run_on_ranks(2, rank_dcp_train, path, batches, before, True)
+    _assert_states_close(resumed[0]["at_checkpoint"], saved, "loaded on two ranks", exact=True)
+    for r, u in zip(resumed, uninterrupted):
+        for y, expected in zip(r["outputs"], u["outputs"]):
+            assert_close(y, expected, torch.float32, "output after resuming on two ranks")
+    _assert_states_close(resumed[0]["final"], uninterrupted[0]["final"], "resumed on two ranks")
