@@ -172,3 +172,19 @@ def _not_in_mesh(mesh: Any, who: str) -> ValueError:
         f"ranks are {mesh.mesh.flatten().tolist()}); give each rank a mesh it belongs to, e.g. mesh['dp'] of the "
         "mesh built on every rank with init_device_mesh."
     )
+
+
+# A second group with the same ranks as a group, per group: syncnorm's statistics on a communicator of their
+# own, so that their all-reduces never queue or pair with another user's (DistributedDataParallel's) on the
+# same communicator. Valid while the default group it was made under is the current one (as _MESH_GROUPS).
+_DEDICATED: dict[Any, tuple[Any, ProcessGroup]] = {}
+
+
+def dedicated_group(group: ProcessGroup) -> ProcessGroup:
+    """A group of the same ranks as ``group``, created once per group; collective over the whole world."""
+    world = dist.group.WORLD
+    cached = _DEDICATED.get(group)
+    if cached is None or cached[0] is not world:
+        cached = (world, dist.new_group(group_ranks(group)))
+        _DEDICATED[group] = cached
+    return cached[1]

@@ -294,6 +294,7 @@ def _assert_states_close(state: dict[str, torch.Tensor], expected: dict[str, tor
             assert_close(state[name], value, torch.float32, f"{what}: {name}")
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
 def test_a_dcp_checkpoint_of_fully_shard_on_two_ranks_resumes_on_two_and_in_one_process(tmp_path: Any) -> None:
     import torch.distributed.checkpoint as dcp
 
@@ -325,3 +326,97 @@ def test_a_dcp_checkpoint_of_fully_shard_on_two_ranks_resumes_on_two_and_in_one_
         for y, expected in zip(r["outputs"], u["outputs"]):
             assert_close(y, expected, torch.float32, "output after resuming on two ranks")
     _assert_states_close(resumed[0]["final"], uninterrupted[0]["final"], "resumed on two ranks")
+
+
+# ---------------------------------------------------------------- Join: ranks with fewer batches
+
+
+def _join_net() -> nn.Module:
+    """_net with its first BatchNorm a subclass (timm's BatchNormAct2d): converted to a generated class."""
+    from timm.layers.norm_act import BatchNormAct2d
+
+    net = _net()
+    with_act = BatchNormAct2d(4, act_layer=nn.SiLU)
+    with_act.load_state_dict(net[1].state_dict())
+    net[1], net[2] = with_act, nn.Identity()
+    return net
+
+
+def _ddp(model: nn.Module, sync_buffers: bool = False) -> nn.Module:
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # forward_sync_buffers replaced broadcast_buffers in recent torch.
+    name = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            else "broadcast_buffers")
+    return DistributedDataParallel(model, **{name: sync_buffers})
+
+
+def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
+    """DDP + syncnorm under Join; this rank trains on its slice of the first counts[rank] steps only."""
+    from torch.distributed.algorithms.join import Join
+
+    model = syncnorm.convert_model(_join_net())
+    ddp = _ddp(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    steps = []
+    with Join([syncnorm.joinable(ddp), ddp]):
+        for step in batches[:counts[dist.get_rank()]]:
+            x = my_slice(step["x"], step["sizes"]).requires_grad_()
+            y = _train_step(ddp, optimizer, x, my_slice(step["dy"], step["sizes"]))
+            steps.append({"y": y, "grad_x": x.grad, "buffers": {n: b.clone() for n, b in model.named_buffers()}})
+    return {"steps": steps, "buffers": {n: b.clone() for n, b in model.named_buffers()},
+            "parameters": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("counts", [[2, 5], [3, 1, 2]], ids=["W2", "W3"])
+def test_ranks_with_fewer_batches_under_join_match_one_process_on_the_batches_that_exist(counts: list[int]) -> None:
+    world = len(counts)
+    sizes = [3 + r for r in range(world)]
+    batches = _batches(max(counts), sizes, seed=2)
+    per_rank = run_on_ranks(world, rank_join_epoch, batches, counts)
+    reference = _join_net().double()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for k, step in enumerate(batches):
+        active = [r for r in range(world) if k < counts[r]]
+        x = torch.cat([step["x"].split(sizes)[r] for r in active]).double().requires_grad_()
+        dy = torch.cat([step["dy"].split(sizes)[r] for r in active]).double()
+        # DDP averages gradients over the initial world size under Join: the loss of the whole batch over W.
+        y = _train_step(reference, optimizer, x, dy, scale=1 / world)
+        got = [per_rank[r]["steps"][k] for r in active]
+        assert_close(torch.cat([g["y"] for g in got]), y, torch.float32, f"step {k} output")
+        assert_close(torch.cat([g["grad_x"] for g in got]), x.grad * world, torch.float32, f"step {k} grad_x")
+        for g in got:
+            _assert_states_close(g["buffers"], dict(reference.named_buffers()), f"step {k} buffers")
+    for r in range(world):  # the ranks that ran out first too
+        _assert_states_close(per_rank[r]["buffers"], dict(reference.named_buffers()), f"rank {r} at the end")
+        _assert_states_close(per_rank[r]["parameters"], dict(reference.named_parameters()), f"rank {r} at the end")
+
+
+def rank_join_misuse() -> dict[str, str]:
+    from torch.distributed.algorithms.join import Join
+
+    errors = {}
+    for case in ("no syncnorm layer", "buffers synchronised in forward", "not first"):
+        try:
+            if case == "no syncnorm layer":
+                syncnorm.joinable(_ddp(_net()))
+            elif case == "buffers synchronised in forward":
+                syncnorm.joinable(_ddp(syncnorm.convert_model(_net()), sync_buffers=True))
+            else:
+                ddp = _ddp(syncnorm.convert_model(_net()))
+                with Join([ddp, syncnorm.joinable(ddp)]):
+                    ddp(torch.randn(2, C, 4, 4))
+            errors[case] = "accepted"
+        except (ValueError, RuntimeError) as error:
+            errors[case] = f"{type(error).__name__}: {error}"
+    return errors
+
+
+def test_joinable_refuses_what_would_hang_on_every_rank() -> None:
+    for errors in run_on_ranks(2, rank_join_misuse):
+        assert errors["no syncnorm layer"].startswith("ValueError: syncnorm.joinable found no syncnorm layer")
+        assert errors["buffers synchronised in forward"].startswith(
+            "ValueError: syncnorm.joinable needs DistributedDataParallel(..., forward_sync_buffers=False)")
+        assert errors["not first"].startswith("RuntimeError: syncnorm.joinable(model) must come first in Join")
