@@ -242,6 +242,40 @@ def test_fully_shard_of_a_converted_net_matches_one_process_on_the_whole_batch(p
         assert not too_large, f"step {i}: (relative error, allowed) {too_large}"
 
 
+def rank_hsdp_steps(batches: list[dict[str, Any]]) -> dict[str, Any]:
+    """HSDP: fully_shard on a (replicate=2, shard=2) mesh, the syncnorm layers pooling over the whole mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    within_replica = syncnorm.SyncBatchNorm(C, process_group=mesh["shard"]).process_group
+    model = _sharded_net(None, mesh=mesh)  # converted over the default group, then:
+    syncnorm.convert_model(model, process_group=mesh)
+    reports = []
+    for step in batches:
+        x = my_slice(step["x"], step["sizes"]).requires_grad_()
+        y = model(x)
+        (y * my_slice(step["dy"], step["sizes"])).sum().backward()
+        reports.append(_report(model, x, y))
+        model.zero_grad(set_to_none=True)
+    return {"reports": reports, "within_replica": dist.get_process_group_ranks(within_replica),
+            "pooled": dist.get_process_group_ranks(model[1].process_group)}
+
+
+def test_hsdp_on_a_two_by_two_mesh_pools_all_four_ranks_like_one_process() -> None:
+    batches = _batches(2, [2, 3, 4, 1])
+    per_rank = run_on_ranks(4, rank_hsdp_steps, batches)
+    # A sub-mesh selects this rank's slice: mesh["shard"] is {0, 1} on ranks 0 and 1, {2, 3} on ranks 2 and 3.
+    assert [r["within_replica"] for r in per_rank] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert all(r["pooled"] == [0, 1, 2, 3] for r in per_rank)
+    for i, expected in enumerate(_reference_steps(batches, torch.float64)):
+        got = [r["reports"][i] for r in per_rank]
+        for r in got[1:]:
+            for name, buffer in got[0]["buffers"].items():
+                assert torch.equal(r["buffers"][name], buffer), f"step {i} {name} differs between ranks"
+        errors = _errors(got, expected)  # HSDP averages gradients over all four ranks
+        assert all(error < 1e-5 for error in errors.values()), f"step {i}: {errors}"
+
+
 # ---------------------------------------------------------------- torch.distributed.checkpoint
 
 
@@ -254,9 +288,11 @@ def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     return y.detach()
 
 
-def rank_dcp_train(path: str, batches: list[dict[str, Any]], before: int, resume: bool) -> dict[str, Any]:
+def rank_dcp_train(path: str, batches: list[dict[str, Any]], before: int, resume: bool,
+                   scale: float = 1.0) -> dict[str, Any]:
     """FSDP2 training on this rank's slices: ``before`` steps then a DCP save, or (``resume``) a DCP load; then
-    the remaining steps. Reports the full state dict at the checkpoint and at the end, and every later output."""
+    the remaining steps, each rank's loss times ``scale``. Reports the full state dict at the checkpoint and at
+    the end, and every later output."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -280,7 +316,7 @@ def rank_dcp_train(path: str, batches: list[dict[str, Any]], before: int, resume
         return {name: t.clone() for name, t in get_model_state_dict(model, options=options).items()}
 
     at_checkpoint = full_state()
-    outputs = [_train_step(model, optimizer, x, dy) for x, dy in slices[before:]]
+    outputs = [_train_step(model, optimizer, x, dy, scale) for x, dy in slices[before:]]
     return {"at_checkpoint": at_checkpoint, "outputs": outputs, "final": full_state()}
 
 
@@ -295,7 +331,7 @@ def _assert_states_close(state: dict[str, torch.Tensor], expected: dict[str, tor
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
-def test_a_dcp_checkpoint_of_fully_shard_on_two_ranks_resumes_on_two_and_in_one_process(tmp_path: Any) -> None:
+def test_a_dcp_checkpoint_of_fully_shard_on_two_ranks_resumes_in_one_process_and_on_two_and_four(tmp_path: Any) -> None:
     import torch.distributed.checkpoint as dcp
 
     batches, before, path = _batches(4, SIZES, seed=1), 2, str(tmp_path / "checkpoint")
@@ -326,6 +362,15 @@ def test_a_dcp_checkpoint_of_fully_shard_on_two_ranks_resumes_on_two_and_in_one_
         for y, expected in zip(r["outputs"], u["outputs"]):
             assert_close(y, expected, torch.float32, "output after resuming on two ranks")
     _assert_states_close(resumed[0]["final"], uninterrupted[0]["final"], "resumed on two ranks")
+
+    # World size 4: the same global batches, split four ways (FSDP averages over 4 ranks: losses times 4 / 2).
+    four_ways = [dict(step, sizes=[2, 1, 3, 2]) for step in batches]
+    on_four = run_on_ranks(4, rank_dcp_train, path, four_ways, before, True, 2.0)
+    _assert_states_close(on_four[0]["at_checkpoint"], saved, "loaded on four ranks", exact=True)
+    for k, expected in enumerate(zip(*[r["outputs"] for r in uninterrupted])):
+        assert_close(torch.cat([r["outputs"][k] for r in on_four]), torch.cat(expected), torch.float32,
+                     f"step {k} output after resuming on four ranks")
+    _assert_states_close(on_four[0]["final"], uninterrupted[0]["final"], "resumed on four ranks")
 
 
 # ---------------------------------------------------------------- Join: ranks with fewer batches
