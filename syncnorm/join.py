@@ -75,7 +75,11 @@ class _SyncNormJoinable(Joinable):
                 "waits for gradient all-reduces that the other ranks issue only after their syncnorm forwards, "
                 "which wait for this rank. Use Join([syncnorm.joinable(ddp_model), ddp_model])."
             )
-        Join.notify_join_context(self)
+        work = Join.notify_join_context(self)
+        if work is not None and isinstance(module, nn.parallel.DistributedDataParallel):
+            # What DDP does with its own notification when it is first: its reducer reads the number of ranks
+            # still active from it (Join(..., divide_by_initial_world_size=False) divides gradients by that).
+            module.reducer._set_forward_pass_work_handle(work, module._divide_by_initial_world_size)
         if self._step:
             self.last_step = self._step
         self._step = []
@@ -187,7 +191,8 @@ def joinable(model: nn.Module) -> Joinable:
     the default group (the one DDP uses) get a dedicated group of the same ranks (created here, a
     collective), so that their all-reduces never pair with DDP's. One forward per step; not with
     activation checkpointing (its recomputed forwards are not shadowed); with DDP, gradients averaged
-    over the initial world size (DDP's default for Join).
+    over the initial world size (DDP's default for Join) or, with
+    ``Join(..., divide_by_initial_world_size=False)``, over the ranks still active.
 
     Args:
         model: the model called in the loop (the DDP-wrapped one), holding syncnorm layers.

@@ -398,7 +398,7 @@ def _ddp(model: nn.Module, sync_buffers: bool = False) -> nn.Module:
     return DistributedDataParallel(model, **{name: sync_buffers})
 
 
-def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int]) -> dict[str, Any]:
+def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int], initial: bool) -> dict[str, Any]:
     """DDP + syncnorm under Join; this rank trains on its slice of the first counts[rank] steps only."""
     from torch.distributed.algorithms.join import Join
 
@@ -406,7 +406,7 @@ def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int]) -> dict[st
     ddp = _ddp(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     steps = []
-    with Join([syncnorm.joinable(ddp), ddp]):
+    with Join([syncnorm.joinable(ddp), ddp], divide_by_initial_world_size=initial):
         for step in batches[:counts[dist.get_rank()]]:
             x = my_slice(step["x"], step["sizes"]).requires_grad_()
             y = _train_step(ddp, optimizer, x, my_slice(step["dy"], step["sizes"]))
@@ -415,23 +415,26 @@ def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int]) -> dict[st
             "parameters": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-@pytest.mark.parametrize("counts", [[2, 5], [3, 1, 2]], ids=["W2", "W3"])
-def test_ranks_with_fewer_batches_under_join_match_one_process_on_the_batches_that_exist(counts: list[int]) -> None:
+@pytest.mark.parametrize(("counts", "initial"), [([2, 5], True), ([3, 0, 2], True), ([2, 5], False)],
+                         ids=["W2", "W3-one-rank-without-batches", "W2-gradients-over-active-ranks"])
+def test_ranks_with_fewer_batches_under_join_match_one_process_on_the_batches_that_exist(counts: list[int],
+                                                                                        initial: bool) -> None:
     world = len(counts)
     sizes = [3 + r for r in range(world)]
     batches = _batches(max(counts), sizes, seed=2)
-    per_rank = run_on_ranks(world, rank_join_epoch, batches, counts)
+    per_rank = run_on_ranks(world, rank_join_epoch, batches, counts, initial)
     reference = _join_net().double()
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     for k, step in enumerate(batches):
         active = [r for r in range(world) if k < counts[r]]
         x = torch.cat([step["x"].split(sizes)[r] for r in active]).double().requires_grad_()
         dy = torch.cat([step["dy"].split(sizes)[r] for r in active]).double()
-        # DDP averages gradients over the initial world size under Join: the loss of the whole batch over W.
-        y = _train_step(reference, optimizer, x, dy, scale=1 / world)
+        # DDP averages gradients over the initial world size (or the active ranks): the batch's loss over that.
+        y = _train_step(reference, optimizer, x, dy, scale=1 / (world if initial else len(active)))
         got = [per_rank[r]["steps"][k] for r in active]
         assert_close(torch.cat([g["y"] for g in got]), y, torch.float32, f"step {k} output")
-        assert_close(torch.cat([g["grad_x"] for g in got]), x.grad * world, torch.float32, f"step {k} grad_x")
+        assert_close(torch.cat([g["grad_x"] for g in got]), x.grad * (world if initial else len(active)),
+                     torch.float32, f"step {k} grad_x")
         for g in got:
             _assert_states_close(g["buffers"], dict(reference.named_buffers()), f"step {k} buffers")
     for r in range(world):  # the ranks that ran out first too
