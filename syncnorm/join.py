@@ -62,11 +62,14 @@ class _SyncNormJoinable(Joinable):
         self.last_step: list[_Call] = []
         self._step: list[_Call] = []
         self.shadowing = False
+        # Inside a Join context (from its construction to its post-hooks, which every rank runs at its end);
+        # Join leaves _join_config enabled after the context, where a notification would be a stray collective.
+        self.active = False
         self._handles = [model.register_forward_pre_hook(self._step_starts)]
         self._handles += [layer.register_forward_hook(self._record) for layer in layers]
 
     def _step_starts(self, module: nn.Module, args: Any) -> None:
-        if not self._join_config.enable:  # outside a Join context: nothing to do
+        if not (self.active and self._join_config.enable):  # outside a Join context: nothing to do
             return
         if not self._join_config.is_first_joinable:
             # Every rank's first forward in the context raises here, together: no rank is left waiting.
@@ -85,13 +88,14 @@ class _SyncNormJoinable(Joinable):
         self._step = []
 
     def _record(self, layer: nn.Module, args: Any, output: Any) -> None:
-        if not (self._join_config.enable and layer.training) or self.shadowing or _inside_backward():
+        if not (self.active and layer.training) or self.shadowing or _inside_backward():
             return
         x = args[0] if args else None
         if isinstance(layer, _BatchNorm) and isinstance(x, Tensor) and isinstance(output, Tensor):
             self._step.append(_Call(layer, x.dim(), x.dtype, x.device, x.requires_grad, output.requires_grad))
 
     def join_hook(self, **kwargs: Any) -> JoinHook:
+        self.active, self.last_step, self._step = True, [], []
         return _ShadowSteps(self)
 
     @property
@@ -112,7 +116,7 @@ class _ShadowSteps(JoinHook):
     """On a rank that ran out of batches: one step of every syncnorm layer on an empty batch, per main_hook.
 
     The step runs in a thread of its own, while this thread goes on to DDP's join hook: the other ranks issue
-    DDP's blocking collectives (the bucket-order broadcast of their second step, buffer broadcasts) before their
+    DDP's blocking collectives (the bucket-order broadcast of their second step) before their
     syncnorm forwards, and their gradient all-reduces after them, so neither order can be followed serially.
     Each thread uses only the syncnorm layers' groups; it is joined before the next step and after the last.
     """
@@ -132,6 +136,7 @@ class _ShadowSteps(JoinHook):
         self.thread.start()
 
     def post_hook(self, is_last_joiner: bool) -> None:
+        self.joinable.active = False
         self._finish()
 
     def _finish(self) -> None:
