@@ -88,8 +88,15 @@ class _SyncNormJoinable(Joinable):
         self._step = []
 
     def _record(self, layer: nn.Module, args: Any, output: Any) -> None:
-        if not (self.active and layer.training) or self.shadowing or _inside_backward():
+        if not (self.active and layer.training) or self.shadowing:
             return
+        if _inside_backward():
+            # Every rank recomputes at the same point of its first backward: all raise here, together.
+            raise RuntimeError(
+                f"{_WHO}: activation checkpointing recomputes syncnorm forwards inside backward, and a rank that "
+                "has run out of batches cannot replay them; under Join, leave the syncnorm layers out of "
+                "checkpointed regions."
+            )
         x = args[0] if args else None
         if isinstance(layer, _BatchNorm) and isinstance(x, Tensor) and isinstance(output, Tensor):
             self._step.append(_Call(layer, x.dim(), x.dtype, x.device, x.requires_grad, output.requires_grad))
@@ -195,8 +202,8 @@ def joinable(model: nn.Module) -> Joinable:
     Call it on every rank, after ``convert_model`` and the DDP wrap, before the loop: syncnorm layers on
     the default group (the one DDP uses) get a dedicated group of the same ranks (created here, a
     collective), so that their all-reduces never pair with DDP's. One forward per step; not with
-    activation checkpointing (its recomputed forwards are not shadowed); with DDP, gradients averaged
-    over the initial world size (DDP's default for Join) or, with
+    activation checkpointing around syncnorm layers (its recomputed forwards cannot be replayed); with
+    DDP, gradients averaged over the initial world size (DDP's default for Join) or, with
     ``Join(..., divide_by_initial_world_size=False)``, over the ranks still active.
 
     Args:
@@ -208,7 +215,8 @@ def joinable(model: nn.Module) -> Joinable:
     Raises:
         ValueError: ``model`` has no syncnorm layer, or is a DistributedDataParallel that broadcasts
             buffers; ``torch.distributed`` is not initialised.
-        RuntimeError: at the first forward inside ``Join``, on every rank, if it is not first in the list.
+        RuntimeError: at the first forward inside ``Join``, on every rank, if it is not first in the list; at
+            the first backward, on every rank, if it recomputes a syncnorm forward (activation checkpointing).
 
     Example:
         >>> ddp = DistributedDataParallel(syncnorm.convert_model(model), forward_sync_buffers=False)

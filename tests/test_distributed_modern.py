@@ -446,16 +446,24 @@ def rank_join_misuse() -> dict[str, str]:
     from torch.distributed.algorithms.join import Join
 
     errors = {}
-    for case in ("no syncnorm layer", "buffers synchronised in forward", "not first"):
+    for case in ("no syncnorm layer", "buffers synchronised in forward", "not first", "activation checkpointing"):
         try:
             if case == "no syncnorm layer":
                 syncnorm.joinable(_ddp(_net()))
             elif case == "buffers synchronised in forward":
                 syncnorm.joinable(_ddp(syncnorm.convert_model(_net()), sync_buffers=True))
-            else:
+            elif case == "not first":
                 ddp = _ddp(syncnorm.convert_model(_net()))
                 with Join([ddp, syncnorm.joinable(ddp)]):
                     ddp(torch.randn(2, C, 4, 4))
+            else:
+                from torch.utils.checkpoint import checkpoint
+
+                net = syncnorm.convert_model(_net())
+                ddp = _ddp(net)
+                with Join([syncnorm.joinable(ddp), ddp]):
+                    x = torch.randn(2, C, 4, 4, requires_grad=True)
+                    checkpoint(net, x, use_reentrant=False).sum().backward()
             errors[case] = "accepted"
         except (ValueError, RuntimeError) as error:
             errors[case] = f"{type(error).__name__}: {error}"
@@ -468,3 +476,5 @@ def test_joinable_refuses_what_would_hang_on_every_rank() -> None:
         assert errors["buffers synchronised in forward"].startswith(
             "ValueError: syncnorm.joinable needs DistributedDataParallel(..., forward_sync_buffers=False)")
         assert errors["not first"].startswith("RuntimeError: syncnorm.joinable(model) must come first in Join")
+        assert errors["activation checkpointing"].startswith(
+            "RuntimeError: syncnorm.joinable: activation checkpointing")
