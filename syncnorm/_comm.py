@@ -106,7 +106,9 @@ def resolve_group(process_group: GroupOrMesh, who: str) -> Optional[ProcessGroup
     mesh_class = _device_mesh_class()
     if mesh_class is not None and isinstance(process_group, mesh_class):
         return _mesh_group(process_group, who)
-    if dist.is_available() and isinstance(process_group, dist.ProcessGroup):
+    if dist.is_available() and (isinstance(process_group, dist.ProcessGroup)
+                                or process_group is dist.GroupMember.NON_GROUP_MEMBER):
+        # new_group's answer on a rank outside the group is accepted here: the forward names the problem.
         return process_group
     raise TypeError(
         f"{who} expected process_group to be a torch.distributed ProcessGroup, a DeviceMesh or None (the whole "
