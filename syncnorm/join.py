@@ -182,7 +182,11 @@ def _shadow(calls: list[_Call]) -> None:
 
 
 def _default_call(layer: _BatchNorm, device: torch.device) -> _Call:
-    """A rank that joined before its first step: the layers in registration order, as BatchNorm2d."""
+    """A rank that joined before its first step: the layers in registration order, inputs needing gradients.
+
+    (A layer whose input needs no gradient, on the model's raw input, takes no backward all-reduce on the
+    other ranks: such a model needs a first step on every rank, which records the real calls.)
+    """
     original: Any = getattr(layer, "_syncnorm_original", None)
     dim = {nn.BatchNorm1d: 3, nn.BatchNorm3d: 5}.get(original, 4)
     weight = getattr(layer, "weight", None)
