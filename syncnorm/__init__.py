@@ -7,12 +7,14 @@ from ._validate import validation
 from .batchnorm import SyncBatchNorm
 from .convert import convert_model, revert_model
 from .groups import new_sync_groups
+from .join import joinable
 from .precise import update_bn_stats
 
 __all__ = [
     "SyncBatchNorm",
     "SyncNormError",
     "convert_model",
+    "joinable",
     "new_sync_groups",
     "revert_model",
     "update_bn_stats",

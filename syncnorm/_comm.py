@@ -18,6 +18,7 @@ from torch import Tensor
 from ._errors import SyncNormError
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, absent from builds without distributed support
+GroupOrMesh = Any  # a ProcessGroup, a torch.distributed.device_mesh.DeviceMesh, or None (the whole world)
 
 VALIDATION_HINT = (
     "Every rank must run the same syncnorm layers, in the same order, in the same mode; "
@@ -34,7 +35,8 @@ def statistics_group(process_group: Optional[ProcessGroup], layer: str) -> Optio
     """The group a layer synchronises over, or None when there is nobody to synchronise with.
 
     None when torch.distributed is unavailable or not initialised, or when the group has one rank:
-    the layer then runs as plain BatchNorm, with zero collectives.
+    the layer then runs as plain BatchNorm, with zero collectives. ``process_group`` is already
+    resolved (``resolve_group``, when the layer was built or converted): a forward never creates a group.
     """
     if not distributed_ready():
         return None
@@ -85,3 +87,106 @@ def all_gather_fingerprints(fingerprint: Tensor, group: ProcessGroup, layer: str
 def group_ranks(group: ProcessGroup) -> list[int]:
     """The global ranks of ``group``, in group-rank order (for messages)."""
     return list(dist.get_process_group_ranks(group))
+
+
+def resolve_group(process_group: GroupOrMesh, who: str) -> Optional[ProcessGroup]:
+    """The ProcessGroup that ``process_group`` (a group, a DeviceMesh or None) stands for; the one place meshes resolve.
+
+    A ProcessGroup and None are returned as they are. A 1-D DeviceMesh (``mesh["dp"]`` of a larger one
+    too) gives its own group; an N-D DeviceMesh gives one group spanning all of its ranks, created once
+    per mesh and cached, so every call for a mesh returns the SAME object (the merge cache, ``_shift``,
+    is keyed on the group object: a new object at every step would cost a second all-reduce per step).
+
+    Creating the group of an N-D mesh is collective over the whole world: every rank must resolve the
+    same meshes in the same order (building, converting or ``update_bn_stats``, which run on every rank
+    alike), including ranks outside the mesh, which take part and then raise.
+    """
+    if process_group is None:
+        return None
+    mesh_class = _device_mesh_class()
+    if mesh_class is not None and isinstance(process_group, mesh_class):
+        return _mesh_group(process_group, who)
+    if dist.is_available() and (isinstance(process_group, dist.ProcessGroup)
+                                or process_group is dist.GroupMember.NON_GROUP_MEMBER):
+        # new_group's answer on a rank outside the group is accepted here: the forward names the problem.
+        return process_group
+    raise TypeError(
+        f"{who} expected process_group to be a torch.distributed ProcessGroup, a DeviceMesh or None (the whole "
+        f"world), got {type(process_group).__name__}; pass e.g. dist.new_group(ranks), "
+        "init_device_mesh('cuda', (world_size,)) or mesh['dp']."
+    )
+
+
+def _device_mesh_class() -> Optional[type]:
+    if not dist.is_available():
+        return None
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh if isinstance(DeviceMesh, type) else None
+
+
+# The group spanning an N-D mesh's ranks, per mesh (DeviceMesh hashes and compares by its layout and
+# ranks), with the default group it was made under. An entry is valid while that default group is the
+# current one: after destroy_process_group() and a new init_process_group() (an elastic restart) a mesh
+# equal to an old one gets a new group.
+_MESH_GROUPS: dict[Any, tuple[Any, ProcessGroup]] = {}
+
+
+def _mesh_group(mesh: Any, who: str) -> Optional[ProcessGroup]:
+    if not distributed_ready():
+        raise ValueError(f"{who} got a DeviceMesh, but torch.distributed is not initialised in this process.")
+    member = mesh.get_coordinate() is not None
+    if mesh.ndim == 1:
+        if not member:
+            raise _not_in_mesh(mesh, who)
+        return mesh.get_group()
+    world = dist.group.WORLD
+    cached = _MESH_GROUPS.get(mesh)
+    if cached is not None and cached[0] is world:
+        group = cached[1]
+    else:
+        group = _new_mesh_group(mesh, member)
+        _MESH_GROUPS[mesh] = (world, group)
+    if not member:
+        raise _not_in_mesh(mesh, who)
+    return group
+
+
+def _new_mesh_group(mesh: Any, member: bool) -> Any:
+    """The group of this rank's copy of ``mesh`` (its ranks differ between ranks for a sub-mesh); collective."""
+    # Every rank of the world creates every copy's group, in the same (sorted) order, as new_group requires:
+    # a sub-mesh such as mesh["replicate", "shard"] of a 3-D mesh has one copy per remaining coordinate.
+    mine = sorted(int(r) for r in mesh.mesh.flatten().tolist()) if member else []
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    copies = sorted({tuple(ranks) for ranks in everyone if ranks})
+    group = None
+    for ranks in copies:
+        created = dist.new_group(list(ranks))
+        if tuple(mine) == ranks:
+            group = created
+    return group
+
+
+def _not_in_mesh(mesh: Any, who: str) -> ValueError:
+    return ValueError(
+        f"{who} got a DeviceMesh that does not contain this process (global rank {dist.get_rank()}; the mesh's "
+        f"ranks are {mesh.mesh.flatten().tolist()}); give each rank a mesh it belongs to, e.g. mesh['dp'] of the "
+        "mesh built on every rank with init_device_mesh."
+    )
+
+
+# A second group with the same ranks as a group, per group: syncnorm's statistics on a communicator of their
+# own, so that their all-reduces never queue or pair with another user's (DistributedDataParallel's) on the
+# same communicator. Valid while the default group it was made under is the current one (as _MESH_GROUPS).
+_DEDICATED: dict[Any, tuple[Any, ProcessGroup]] = {}
+
+
+def dedicated_group(group: ProcessGroup) -> ProcessGroup:
+    """A group of the same ranks as ``group``, created once per group; collective over the whole world."""
+    world = dist.group.WORLD
+    cached = _DEDICATED.get(group)
+    if cached is None or cached[0] is not world:
+        cached = (world, dist.new_group(group_ranks(group)))
+        _DEDICATED[group] = cached
+    return cached[1]

@@ -28,9 +28,13 @@ def usable(*tensors: Optional[Tensor]) -> bool:
     return all(t is None or (t.device.type == "cpu" and t.dtype in _NUMPY_DTYPES) for t in tensors)
 
 
-def _view(t: Tensor) -> np.ndarray:
-    """The memory of ``t`` as an array (a parameter's too: reading it needs no autograd)."""
-    return t.detach().numpy()
+def _copy(t: Tensor) -> np.ndarray:
+    """A COPY of a tensor this module does not own (a parameter) as an array.
+
+    ``.numpy()`` on a tensor's own memory marks its storage non-resizable for good, and FSDP2 frees
+    and re-allocates parameter storages by resizing them: only syncnorm's own temporaries are viewed.
+    """
+    return t.detach().clone().numpy()
 
 
 def pack_moments(local: _stats.LocalMoments, shifts: Optional[Tensor]) -> Tensor:
@@ -96,9 +100,9 @@ def _finish(total: np.ndarray, n: np.float64, shifts: Optional[Tensor], about: O
     block[0] = mean
     residual = mean - block[0]
     invstd = 1.0 / np.sqrt(var + eps)
-    alpha = invstd if weight is None else invstd * _view(weight)
+    alpha = invstd if weight is None else invstd * _copy(weight)
     offset = residual if about is None else mean - about.numpy()
-    beta = -offset * alpha if bias is None else _view(bias) - offset * alpha
+    beta = -offset * alpha if bias is None else _copy(bias) - offset * alpha
     invstd2 = invstd * invstd
     coef = alpha * (-1.0 / n)
     block[1], block[2], block[3], block[4], block[5], block[6] = invstd, residual, residual * invstd2, alpha, beta, coef
@@ -117,13 +121,10 @@ def _finish(total: np.ndarray, n: np.float64, shifts: Optional[Tensor], about: O
 
 def _update_running(running_mean: Tensor, running_var: Tensor, mean: np.ndarray, unbiased: np.ndarray,
                     momentum: float) -> None:
-    """``running += momentum * (statistic - running)`` in place (in float64, rounded once)."""
-    for buffer, statistic in ((running_mean, mean), (running_var, unbiased)):
-        if buffer.dtype in _NUMPY_DTYPES:
-            values = buffer.numpy()
-            values += momentum * (statistic - values)
-        else:  # a bfloat16/float16 buffer: numpy cannot hold it
-            buffer.lerp_(torch.from_numpy(statistic).to(buffer.dtype), momentum)
+    """``running += momentum * (statistic - running)`` in place, one aten op: the buffers are not this module's
+    to view as arrays (``_copy``)."""
+    targets = [torch.from_numpy(mean).to(running_mean.dtype), torch.from_numpy(unbiased).to(running_var.dtype)]
+    torch._foreach_lerp_([running_mean, running_var], targets, momentum)
 
 
 def backward_sums(sum_dy: Tensor, sum_dy_xmu: Tensor, residual: Tensor, r_invstd2: Tensor) -> Tensor:

@@ -46,8 +46,10 @@ class SyncBatchNorm(_BatchNorm):
         momentum: factor of the running averages; None for a cumulative average.
         affine: whether the layer has a learnable weight (and bias).
         track_running_stats: whether to keep running_mean/running_var/num_batches_tracked.
-        process_group: the ranks whose batches are pooled (default: the whole world); see
-            ``syncnorm.new_sync_groups`` to synchronise within subsets of ranks.
+        process_group: the ranks whose batches are pooled (default: the whole world): a ProcessGroup,
+            or a DeviceMesh (``mesh["dp"]``; an N-D mesh pools all of its ranks); the attribute
+            ``process_group`` holds the resolved ProcessGroup. See ``syncnorm.new_sync_groups`` to
+            synchronise within subsets of ranks.
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
         bias: whether an affine layer has a bias.
@@ -57,6 +59,8 @@ class SyncBatchNorm(_BatchNorm):
         - Output: same shape, dtype and memory format as the input.
 
     Raises:
+        TypeError: a ``process_group`` that is neither a ProcessGroup nor a DeviceMesh.
+        ValueError: a DeviceMesh ``process_group`` that does not contain this rank.
         ValueError: from ``forward``: an input of fewer than 2 or more than 5 dimensions, or whose dim 1
             is not ``num_features``; ``eps <= 0`` in training mode; a global batch of one value per
             channel ("Expected more than 1 value per channel when training", on every rank). The input
@@ -82,7 +86,7 @@ class SyncBatchNorm(_BatchNorm):
         momentum: Optional[float] = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        process_group: Optional[_comm.ProcessGroup] = None,
+        process_group: _comm.GroupOrMesh = None,
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
         *,
@@ -91,7 +95,8 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
         )
-        self.process_group = process_group
+        # A DeviceMesh is resolved here, on every rank, never in a forward (an N-D mesh's group is collective).
+        self.process_group = _comm.resolve_group(process_group, "syncnorm.SyncBatchNorm")
         # Qualified name in the model, for error messages; convert_model sets it.
         self.layer_name: Optional[str] = None
         self.last_input_dim: Optional[int] = None
@@ -192,7 +197,7 @@ class SyncBatchNorm(_BatchNorm):
 
     @classmethod
     def convert_sync_batchnorm(
-        cls, module: torch.nn.Module, process_group: Optional[_comm.ProcessGroup] = None
+        cls, module: torch.nn.Module, process_group: _comm.GroupOrMesh = None
     ) -> torch.nn.Module:
         """torch.nn.SyncBatchNorm's API: the same as ``syncnorm.convert_model(module, process_group)``.
 

@@ -57,7 +57,7 @@ _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
 def convert_model(
-    module: nn.Module, process_group: Optional[_comm.ProcessGroup] = None, *, exclude: Exclude = None
+    module: nn.Module, process_group: _comm.GroupOrMesh = None, *, exclude: Exclude = None
 ) -> nn.Module:
     """Make every ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` in ``module`` synchronised.
 
@@ -80,7 +80,8 @@ def convert_model(
     Args:
         module: a model, or a single BatchNorm layer.
         process_group: the ranks whose batches are pooled (default: the whole world; a converted
-            ``torch.nn.SyncBatchNorm`` keeps its own group unless this is given). See
+            ``torch.nn.SyncBatchNorm`` keeps its own group unless this is given): a ProcessGroup or a
+            DeviceMesh (``mesh["dp"]``; an N-D mesh pools all of its ranks), resolved here, once. See
             ``syncnorm.new_sync_groups`` for subsets of ranks.
         exclude: layers to leave local: either a collection of qualified module names (as in
             ``model.named_modules()``; a name excludes everything inside that module too) or a
@@ -91,10 +92,11 @@ def convert_model(
         ``module`` itself, converted.
 
     Raises:
-        TypeError: ``exclude`` is neither a predicate nor a collection of names (str).
-        ValueError: a name in ``exclude`` is not a module of the model (a typo would otherwise leave
-            the layer synchronised silently), or a ``LazyBatchNorm`` layer has not yet initialised its
-            parameters (run one forward pass first).
+        TypeError: ``process_group`` is neither a ProcessGroup nor a DeviceMesh, or ``exclude`` is
+            neither a predicate nor a collection of names (str).
+        ValueError: a DeviceMesh that does not contain this rank; a name in ``exclude`` is not a module
+            of the model (a typo would otherwise leave the layer synchronised silently), or a
+            ``LazyBatchNorm`` layer has not yet initialised its parameters (run one forward pass first).
 
     Example:
         >>> model = torchvision.models.resnet18()
@@ -102,6 +104,8 @@ def convert_model(
         >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
     is_excluded = _exclusion(module, exclude)
+    # On every rank, before anything changes: the group of an N-D DeviceMesh is created collectively.
+    process_group = _comm.resolve_group(process_group, "syncnorm.convert_model")
     excluded: list[str] = []
     for name, layer in module.named_modules():
         if any(_inside(name, outer) for outer in excluded):

@@ -23,7 +23,7 @@ from .batchnorm import SyncBatchNorm
 from .convert import Exclude, convert_model, revert_model
 
 # A group, or a function that makes one in each worker (ddp_spawn pickles the plugin before any group exists).
-GroupOrFactory = Union[_comm.ProcessGroup, Callable[[], _comm.ProcessGroup], None]
+GroupOrFactory = Union[_comm.GroupOrMesh, Callable[[], _comm.GroupOrMesh], None]
 
 
 def _layer_sync_bases() -> tuple[type, ...]:
@@ -67,7 +67,8 @@ class SyncNormLayerSync(*_BASES):  # type: ignore[misc]
 
     Args:
         process_group: the ranks whose batches are pooled (default: the whole world). Either a
-            process group, or a picklable function without arguments that returns one, called on
+            process group or a DeviceMesh (``mesh["dp"]``; an N-D mesh pools all of its ranks), or a
+            picklable function without arguments that returns one, called on
             every rank in ``apply`` (after Lightning initialised torch.distributed), e.g.
             ``functools.partial(syncnorm.new_sync_groups, 2)``. With ``ddp_spawn`` it must be the
             function: a process group cannot be sent to another process.

@@ -31,7 +31,7 @@ def update_bn_stats(
     loader: Iterable[Any],
     num_batches: Optional[int] = None,
     *,
-    process_group: Optional[_comm.ProcessGroup] = None,
+    process_group: _comm.GroupOrMesh = None,
     device: Optional[torch.device | str] = None,
     progress: bool = True,
 ) -> None:
@@ -72,14 +72,20 @@ def update_bn_stats(
         num_batches: how many batches each rank uses (default: all of them, up to the shortest
             loader of the group).
         process_group: the ranks whose batches are pooled and over which the model's synchronised
-            layers synchronise during this call (default: each layer synchronises over its own group
-            and the pooling is over the whole world; without an initialised process group, this
-            process alone).
+            layers synchronise during this call, a ProcessGroup or a DeviceMesh (``mesh["dp"]``; an N-D
+            mesh pools all of its ranks); default: each layer synchronises over its own group and the
+            pooling is over the whole world (without an initialised process group, this process alone).
         device: where each batch is moved before the forward pass (default: left where it is).
         progress: show a tqdm progress bar on rank 0 (if tqdm is installed).
 
     Returns:
         None; the model's running statistics are set in place.
+
+    Raises:
+        ValueError: ``num_batches`` below 1, or more batches asked for than some rank's loader has
+            (raised on every rank, after the running statistics were restored).
+        SyncNormError: a collective of the merge failed or timed out (a peer died, or did not call
+            ``update_bn_stats``), or this process is not in ``process_group``.
 
     Example:
         >>> model = syncnorm.convert_model(model)  # then train, then:
@@ -88,6 +94,7 @@ def update_bn_stats(
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"{_WHO} expected num_batches >= 1 or None (all batches), got {num_batches}.")
+    resolved = _comm.resolve_group(process_group, _WHO)  # on every rank, first: a mesh's group is collective
     layers = [
         (name, m) for name, m in model.named_modules()
         if isinstance(m, _BatchNorm) and m.running_mean is not None and m.running_var is not None
@@ -95,12 +102,12 @@ def update_bn_stats(
     # Identical models on every rank: either all ranks return here or none does.
     if not layers:
         return
-    group = _comm.statistics_group(process_group, _WHO)
+    group = _comm.statistics_group(resolved, _WHO)
     flags = {m: m.training for m in model.modules()}
     saved = [(_running(m)[0].clone(), _running(m)[1].clone(), _clone(m.num_batches_tracked)) for _, m in layers]
     sums: list[Optional[Tensor]] = [None] * len(layers)
     hooks = [m.register_forward_pre_hook(_accumulator(sums, i)) for i, (_, m) in enumerate(layers)]
-    lent = _lend_group(model, process_group)
+    lent = _lend_group(model, resolved)
     try:
         model.train()
         with torch.no_grad():

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from distributed import COLLECTIVES, my_slice, run_on_ranks
 from reference import assert_close, check_model_against_reference
@@ -169,7 +170,7 @@ def test_process_group_of_torch_syncbatchnorm_is_kept_unless_given() -> None:
     marker = object()
     layer = nn.SyncBatchNorm(3, process_group=marker)
     assert syncnorm.convert_model(layer).process_group is marker
-    other = object()
+    other = dist.ProcessGroup(dist.HashStore(), 0, 1)  # a group of one process, without init_process_group
     assert syncnorm.convert_model(nn.BatchNorm2d(3), process_group=other).process_group is other
 
 

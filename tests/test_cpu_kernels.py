@@ -120,3 +120,18 @@ def test_numpy_path_takes_only_cpu_tensors_numpy_can_view() -> None:
     assert _cpu.usable(torch.zeros(2), torch.zeros(2, dtype=torch.float64), None)
     assert not _cpu.usable(torch.zeros(2, dtype=torch.bfloat16))
     assert not _cpu.usable(torch.zeros(2, device="meta"))
+
+
+def test_numpy_path_leaves_parameter_and_buffer_storages_resizable() -> None:
+    """``.numpy()`` on a tensor's memory makes its storage non-resizable for good; FSDP2 resizes parameter storages
+    (tests/test_distributed_modern.py caught it): the numpy path views only its own temporaries."""
+    x = torch.randn(6, CHANNELS)
+    local = _stats.local_moments(x)
+    shifts = torch.zeros(2, CHANNELS, dtype=torch.float64)
+    summed = _cpu.pack_moments(local, shifts)
+    weight, bias = torch.nn.Parameter(torch.ones(CHANNELS)), torch.nn.Parameter(torch.zeros(CHANNELS))
+    running_mean, running_var = torch.zeros(CHANNELS), torch.ones(CHANNELS)
+    _cpu.finish_statistics(summed, shifts, local.shift, weight, bias, 1e-5, torch.float32, running_mean, running_var,
+                           0.1, shifts, False)
+    for tensor in (weight, bias, running_mean, running_var):
+        assert tensor.untyped_storage().resizable()

@@ -301,8 +301,13 @@ def test_revert_model_gives_torch_syncbatchnorm_back_its_own_group() -> None:
     assert all(r["reverted"] for r in reports)
 
 
+def _one_process_group() -> Any:
+    """A distinct ProcessGroup object (of this process alone), without init_process_group."""
+    return dist.ProcessGroup(dist.HashStore(), 0, 1)
+
+
 def test_revert_model_restores_attributes_the_conversion_replaced() -> None:
-    group_a, group_b = object(), object()
+    group_a, group_b = _one_process_group(), _one_process_group()
     layer = nn.SyncBatchNorm(3, process_group=group_a)
     syncnorm.convert_model(layer, process_group=group_b)
     assert layer.process_group is group_b
@@ -312,7 +317,7 @@ def test_revert_model_restores_attributes_the_conversion_replaced() -> None:
 
 
 def test_convert_model_with_a_group_reaches_every_synchronised_layer() -> None:
-    first, second = object(), object()
+    first, second = _one_process_group(), _one_process_group()
     model = nn.Sequential(nn.BatchNorm2d(3), BatchNormAct2d(3), syncnorm.SyncBatchNorm(3))
     syncnorm.convert_model(model, process_group=first)
     syncnorm.convert_model(model, process_group=second)
