@@ -1,0 +1,202 @@
+"""syncnorm.SyncBatchNormAct: global-batch equivalence with float64 BatchNorm + the activation, and what it keeps.
+
+The multi-rank cases run every activation in one task per (world size, kernel backend), on weights that
+include a zero, a negative, a tiny and a small-against-its-bias channel (those the inversion cannot
+serve: they keep their input), against torch's BatchNorm and activation in float64 in this process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from distributed import COLLECTIVES, my_slice, run_on_ranks, use_kernels
+from reference import assert_close
+
+import syncnorm
+from syncnorm._errors import SyncNormError
+
+CHANNELS = 7
+# zero, negative, tiny (1e-7: |bias| / |weight| far beyond what the inversion keeps), small weight against a
+# large bias (fallback), a small one against a small bias (inverted), an ordinary one, and one that sends ELU
+# deep into its flat tail (y rounds to -alpha there: ELU keeps that channel's input; the others invert it).
+WEIGHT = torch.tensor([0.0, -0.7, 1e-7, 0.01, 0.05, 1.3, 8.0])
+BIAS = torch.tensor([0.4, -0.3, 0.2, 2.0, 0.1, -0.5, -6.0])
+ACTIVATIONS = {
+    "leaky_relu": ({"activation": "leaky_relu", "negative_slope": 0.1}, lambda z: F.leaky_relu(z, 0.1)),
+    "elu": ({"activation": "elu", "alpha": 0.8}, lambda z: F.elu(z, 0.8)),
+    "identity": ({"activation": "identity"}, lambda z: z),
+}
+
+
+def _batches(sizes: list[int], steps: int, seed: int) -> list[dict[str, Any]]:
+    generator = torch.Generator().manual_seed(seed)
+    offset = torch.randn(CHANNELS, 1, 1, generator=generator, dtype=torch.float64)
+    out = []
+    for _ in range(steps):
+        shape = (sum(sizes), CHANNELS, 3, 4)
+        x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + offset
+        out.append({"x": x.float(), "dy": torch.randn(shape, generator=generator), "sizes": sizes})
+    return out
+
+
+def rank_act_steps(cases: list[dict[str, Any]], kernels: str) -> list[list[dict[str, Any]]]:
+    """On one rank: for each case, a fresh layer and its steps on this rank's slices; everything it gives."""
+    with use_kernels(kernels):
+        return [_act_steps(case) for case in cases]
+
+
+def _act_steps(case: dict[str, Any]) -> list[dict[str, Any]]:
+    layer = syncnorm.SyncBatchNormAct(CHANNELS, **case["kwargs"])
+    with torch.no_grad():
+        layer.weight.copy_(WEIGHT)
+        layer.bias.copy_(BIAS)
+    reports = []
+    for step in case["steps"]:
+        x = my_slice(step["x"], step["sizes"]).requires_grad_()
+        layer.weight.grad = layer.bias.grad = None
+        COLLECTIVES.reset()
+        y = layer(x)
+        forward_calls = list(COLLECTIVES.calls)
+        COLLECTIVES.reset()
+        (y * my_slice(step["dy"], step["sizes"])).sum().backward()
+        reports.append({"y": y.detach(), "grad_x": x.grad, "grad_weight": layer.weight.grad,
+                        "grad_bias": layer.bias.grad, "forward_calls": forward_calls,
+                        "backward_calls": list(COLLECTIVES.calls),
+                        **{k: v.clone() for k, v in layer.named_buffers()}})
+    return reports
+
+
+def _check(name: str, steps: list[dict[str, Any]], reports: list[list[dict[str, Any]]]) -> None:
+    """Every rank's reports of one case against float64 BatchNorm2d + the activation on the whole batch."""
+    reference = torch.nn.BatchNorm2d(CHANNELS, dtype=torch.float64)
+    with torch.no_grad():
+        reference.weight.copy_(WEIGHT)
+        reference.bias.copy_(BIAS)
+    activation = ACTIVATIONS[name][1]
+    for i, step in enumerate(steps):
+        x = step["x"].double().requires_grad_()
+        reference.weight.grad = reference.bias.grad = None
+        y = activation(reference(x))
+        (y * step["dy"].double()).sum().backward()
+        got = [r[i] for r in reports]
+        what = f"{name} step {i}"
+        assert_close(torch.cat([g["y"] for g in got]), y.detach(), torch.float32, f"{what} output")
+        assert_close(torch.cat([g["grad_x"] for g in got]), x.grad, torch.float32, f"{what} grad_x")
+        for key, expected in (("grad_weight", reference.weight.grad), ("grad_bias", reference.bias.grad)):
+            assert_close(sum(g[key].double() for g in got), expected, torch.float32, f"{what} summed {key}")
+        for g in got:
+            for key in ("running_mean", "running_var"):
+                assert_close(g[key], getattr(reference, key), torch.float32, f"{what} {key}")
+            assert int(g["num_batches_tracked"]) == i + 1
+
+
+@pytest.mark.parametrize("kernels", ["native", "fused"])
+@pytest.mark.parametrize("sizes", [[3, 5], [4, 0, 3]], ids=["W2-uneven", "W3-empty-rank"])
+def test_matches_float64_batchnorm_and_activation(sizes: list[int], kernels: str) -> None:
+    cases = [{"name": name, "kwargs": kwargs, "steps": _batches(sizes, 2, seed)}
+             for seed, (name, (kwargs, _)) in enumerate(ACTIVATIONS.items())]
+    results = run_on_ranks(len(sizes), rank_act_steps, cases, kernels)
+    for i, case in enumerate(cases):
+        per_rank = [r[i] for r in results]
+        _check(case["name"], case["steps"], per_rank)
+        for steps in per_rank:  # syncnorm.SyncBatchNorm's budget: first step two all-reduces (the merge cache)
+            assert [c[0] for c in steps[0]["forward_calls"]] == ["all_reduce"] * 2
+            assert steps[1]["forward_calls"] == [("all_reduce", 4 * CHANNELS + 1, (4 * CHANNELS + 1) * 8)]
+            for step in steps:  # and ONE all-reduce of the 2C gradient sums
+                assert step["backward_calls"] == [("all_reduce", 2 * CHANNELS, 2 * CHANNELS * 4)]
+
+
+def _saved_by(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``layer(x)`` and every tensor autograd saved for its backward."""
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return layer(x), saved
+
+
+def rank_saved_and_double_backward(x: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
+    """What autograd keeps for one training forward (sizes of the saved tensors), and a double backward."""
+    out: dict[str, Any] = {}
+    for name, weight in (("inverted", WEIGHT.abs() + 0.5), ("fallback", WEIGHT)):
+        layer = syncnorm.SyncBatchNormAct(CHANNELS, activation="leaky_relu")
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            layer.bias.copy_(BIAS)
+        y, saved = _saved_by(layer, my_slice(x, sizes).requires_grad_())
+        large = [t for t in saved if t.numel() > CHANNELS]  # anything but per-channel values
+        out[name] = {"is_output": [t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for t in large],
+                     "numel": [t.numel() for t in large], "output_numel": y.numel()}
+    layer = syncnorm.SyncBatchNormAct(CHANNELS, activation="elu")
+    xl = my_slice(x, sizes).requires_grad_()
+    (grad,) = torch.autograd.grad(layer(xl).square().sum(), xl, create_graph=True)
+    try:
+        grad.sum().backward()
+        out["double_backward"] = None
+    except SyncNormError as error:
+        out["double_backward"] = str(error)
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved_and_double_backward() -> list[dict[str, Any]]:
+    x = torch.randn(7, CHANNELS, 3, 4, generator=torch.Generator().manual_seed(5))
+    return run_on_ranks(2, rank_saved_and_double_backward, x, [4, 3])
+
+
+def test_autograd_keeps_only_the_output(saved_and_double_backward: list[dict[str, Any]]) -> None:
+    for per_rank in saved_and_double_backward:
+        assert per_rank["inverted"]["is_output"] == [True], per_rank["inverted"]
+
+
+def test_channels_that_cannot_be_inverted_keep_only_their_input(
+    saved_and_double_backward: list[dict[str, Any]]
+) -> None:
+    # WEIGHT's zero, tiny and small-against-its-bias channels (3 of 7) keep their input; nothing else does.
+    for per_rank in saved_and_double_backward:
+        fallback = per_rank["fallback"]
+        assert fallback["is_output"] == [True, False], fallback
+        assert fallback["numel"][1] * CHANNELS == fallback["output_numel"] * 3
+
+
+def test_double_backward_is_refused_clearly(saved_and_double_backward: list[dict[str, Any]]) -> None:
+    for per_rank in saved_and_double_backward:
+        assert per_rank["double_backward"] is not None and "double backward" in per_rank["double_backward"]
+
+
+@pytest.mark.parametrize("name", list(ACTIVATIONS))
+def test_state_dict_round_trip_with_batchnorm2d(name: str) -> None:
+    torch.manual_seed(0)
+    kwargs, activation = ACTIVATIONS[name]
+    bn = torch.nn.BatchNorm2d(CHANNELS)
+    with torch.no_grad():
+        bn.weight.copy_(WEIGHT)
+        bn.bias.copy_(BIAS)
+    bn.train()(torch.randn(5, CHANNELS, 3, 3))  # running statistics that are not the initial ones
+    layer = syncnorm.SyncBatchNormAct(CHANNELS, **kwargs)
+    layer.load_state_dict(bn.state_dict())
+    assert list(layer.state_dict()) == list(bn.state_dict())
+    back = torch.nn.BatchNorm2d(CHANNELS)
+    back.load_state_dict(layer.state_dict())
+    for key, value in bn.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    x = torch.randn(4, CHANNELS, 3, 3)
+    # Eval mode, and training without a process group: BatchNorm2d + the activation.
+    assert_close(layer.eval()(x), activation(bn.eval()(x)), torch.float32, "eval output")
+    assert_close(layer.train()(x), activation(bn.train()(x)), torch.float32, "local training output")
+    assert_close(layer.running_var, bn.running_var, torch.float32, "running_var")
+
+
+def test_activation_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="not invertible"):
+        syncnorm.SyncBatchNormAct(3, activation="relu")
+    with pytest.raises(ValueError, match="positive negative_slope"):
+        syncnorm.SyncBatchNormAct(3, negative_slope=0.0)
+    with pytest.raises(ValueError, match="positive alpha"):
+        syncnorm.SyncBatchNormAct(3, activation="elu", alpha=-1.0)
