@@ -200,3 +200,49 @@ def test_activation_arguments_are_checked() -> None:
         syncnorm.SyncBatchNormAct(3, negative_slope=0.0)
     with pytest.raises(ValueError, match="positive alpha"):
         syncnorm.SyncBatchNormAct(3, activation="elu", alpha=-1.0)
+
+
+def _timm_blocks() -> torch.nn.Module:
+    from timm.layers.norm_act import BatchNormAct2d
+
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        BatchNormAct2d(4, act_layer=torch.nn.LeakyReLU, act_kwargs={"negative_slope": 0.2}),
+        torch.nn.Conv2d(4, 4, 1), BatchNormAct2d(4, act_layer=torch.nn.ELU),
+        torch.nn.Conv2d(4, 4, 1), BatchNormAct2d(4, apply_act=False),
+        torch.nn.Conv2d(4, 4, 1), BatchNormAct2d(4, act_layer=torch.nn.ReLU),
+    )
+
+
+def test_convert_model_fuses_invertible_timm_batchnorm_act_and_reverts() -> None:
+    import copy
+
+    torch.manual_seed(0)
+    model = _timm_blocks()
+    original = copy.deepcopy(model)
+    classes = [type(m) for m in model]
+    parameters = {name: p for name, p in model.named_parameters()}
+    activations = [m._modules.get("act") for m in model]
+    with pytest.warns(UserWarning, match=r"1 BatchNormAct2d layers unfused .*: 7 \(ReLU\)"):
+        syncnorm.convert_model(model, fuse_activation=True)
+    assert [type(model[i]) for i in (1, 3, 5)] == [syncnorm.SyncBatchNormAct] * 3
+    assert [(model[i].activation, model[i].negative_slope, model[i].alpha) for i in (1, 3, 5)] == [
+        ("leaky_relu", 0.2, 1.0), ("elu", 0.01, 1.0), ("identity", 0.01, 1.0)]
+    assert type(model[7]).__name__ == "SyncBatchNormAct2d" and "act" in model[7]._modules  # converted, not fused
+    assert all(p is parameters[name] for name, p in model.named_parameters())
+    assert list(model.state_dict()) == list(original.state_dict())
+    # Without a process group: what the timm model computes, forward and backward, and the same running stats.
+    x = torch.randn(5, 3, 4, 4)
+    for net in (model, original):
+        net(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), original.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, f"grad of {name}")
+    for (name, b), c in zip(model.named_buffers(), original.buffers()):
+        assert_close(b, c, torch.float32, name)
+
+    syncnorm.revert_model(model)
+    assert [type(m) for m in model] == classes
+    assert [m._modules.get("act") for m in model] == activations  # the same activation modules
+    assert all(p is parameters[name] for name, p in model.named_parameters())
+    assert not any(hasattr(model[i], "activation") or hasattr(model[i], "process_group") for i in (1, 3, 5))
+    assert_close(model.eval()(x), original.eval()(x), torch.float32, "reverted model, eval")
