@@ -1,0 +1,140 @@
+"""What autograd keeps for backward: SyncBatchNormAct vs SyncBatchNorm + LeakyReLU vs torch BatchNorm + LeakyReLU.
+
+One training step of a net of 8 conv -> BatchNorm -> LeakyReLU blocks, on 2 Gloo ranks (one thread each).
+"saved" is the bytes of the unique storages of every tensor autograd saves during the forward
+(``torch.autograd.graph.saved_tensors_hooks``), parameters excluded: what a step keeps alive until its
+backward. The network's input (saved by the first convolution) is in every row. On CUDA tensors
+(``--device cuda``) the peak of allocated memory over the step is printed too. Time: forward + backward
+of one step, median over the steps of the slower rank, the variants interleaved (every step times each
+once, in turn, so background load hits all alike); CPU timings on a shared machine are indicative only.
+
+Run:
+    PYTHONPATH=.:tests python benchmarks/bench_memory.py
+    PYTHONPATH=.:tests python benchmarks/bench_memory.py --batch 16 --channels 64 --size 32 --steps 10
+
+Timing is never asserted anywhere; this only prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+import syncnorm
+
+BLOCKS = 8
+
+
+def _norm_act(variant: str, channels: int) -> list[nn.Module]:
+    if variant == "SyncBatchNormAct":
+        return [syncnorm.SyncBatchNormAct(channels, activation="leaky_relu", negative_slope=0.01)]
+    norm = syncnorm.SyncBatchNorm(channels) if variant.startswith("syncnorm") else nn.BatchNorm2d(channels)
+    return [norm, nn.LeakyReLU(0.01, inplace=variant.endswith("(inplace)"))]
+
+
+VARIANTS = (
+    "torch BatchNorm2d + LeakyReLU",
+    "syncnorm SyncBatchNorm + LeakyReLU",
+    "syncnorm SyncBatchNorm + LeakyReLU(inplace)",
+    "SyncBatchNormAct",
+)
+
+
+def build(variant: str, channels: int) -> nn.Module:
+    """8 blocks of conv 3x3 (no bias) -> the variant's BatchNorm and leaky ReLU; identical weights for every variant."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for _ in range(BLOCKS):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), *_norm_act(variant, channels)]
+    return nn.Sequential(*layers)
+
+
+def saved_bytes(step: Callable[[], torch.Tensor], parameters: set[int]) -> tuple[int, int, torch.Tensor]:
+    """Run ``step`` (a forward); bytes and number of the unique non-parameter storages autograd saved, its output."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step()
+    return sum(storages.values()), len(storages), out
+
+
+def rank_measure(shape: tuple[int, ...], steps: int, device: str) -> dict[str, Any]:
+    """On one rank: saved bytes, peak (CUDA) and step times of every variant."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    models = {v: build(v, shape[1]).to(device).train() for v in VARIANTS}
+    x = torch.randn(shape, device=device, generator=None)
+    results: dict[str, Any] = {v: {"times": []} for v in VARIANTS}
+    for v, model in models.items():
+        parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        nbytes, count, out = saved_bytes(lambda: model(x), parameters)  # noqa: B023 (called at once)
+        out.square().mean().backward()
+        results[v].update(saved=nbytes, tensors=count)
+        if device == "cuda":
+            results[v]["peak"] = torch.cuda.max_memory_allocated() - before
+        del out
+    for _ in range(steps):
+        for v, model in models.items():
+            dist.barrier()
+            start = time.perf_counter()
+            model(x).square().mean().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            results[v]["times"].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=8, help="samples per rank")
+    parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--size", type=int, default=32, help="height and width")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    import bench_memory  # the rank function by its module's name, so that the spawned ranks find it
+    from distributed import run_on_ranks
+
+    shape = (args.batch, args.channels, args.size, args.size)
+    reports = run_on_ranks(2, bench_memory.rank_measure, shape, args.steps, args.device)
+    activation = args.batch * args.channels * args.size * args.size * 4
+    print(f"torch {torch.__version__}, {args.device}, 2 Gloo ranks x 1 thread, load average {os.getloadavg()[0]:.1f}; "
+          f"{BLOCKS} blocks conv3x3 -> norm -> LeakyReLU(0.01), input {shape} per rank (one activation "
+          f"{activation / 2**20:.2f} MiB)")
+    baseline = reports[0]["syncnorm SyncBatchNorm + LeakyReLU"]
+    peak = args.device == "cuda"
+    print("| variant | saved MiB | saved tensors | vs SyncBatchNorm + LeakyReLU | "
+          + ("peak MiB | " if peak else "") + "step ms (median) | time vs SyncBatchNorm + LeakyReLU |")
+    print("|---|---|---|---|" + ("---|" if peak else "") + "---|---|")
+    base_time = statistics.median(max(t) for t in zip(*(r["syncnorm SyncBatchNorm + LeakyReLU"]["times"]
+                                                        for r in reports)))
+    for v in VARIANTS:
+        r = reports[0][v]
+        step = statistics.median(max(t) for t in zip(*(rep[v]["times"] for rep in reports)))
+        cells = [v, f"{r['saved'] / 2**20:.2f}", str(r["tensors"]), f"{r['saved'] / baseline['saved']:.2f}x"]
+        if peak:
+            cells.append(f"{r['peak'] / 2**20:.1f}")
+        cells += [f"{step * 1e3:.1f}", f"{step / base_time:.2f}x"]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
