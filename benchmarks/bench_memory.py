@@ -7,10 +7,13 @@ backward. The network's input (saved by the first convolution) is in every row. 
 (``--device cuda``) the peak of allocated memory over the step is printed too. Time: forward + backward
 of one step, median over the steps of the slower rank, the variants interleaved (every step times each
 once, in turn, so background load hits all alike); CPU timings on a shared machine are indicative only.
+With ``--timm NAME`` a timm model built with ``act_layer="leaky_relu"`` (random weights, nothing downloaded) is
+measured the same way, converted by ``syncnorm.convert_model`` without and with ``fuse_activation=True``.
 
 Run:
     PYTHONPATH=.:tests python benchmarks/bench_memory.py
     PYTHONPATH=.:tests python benchmarks/bench_memory.py --batch 16 --channels 64 --size 32 --steps 10
+    PYTHONPATH=.:tests python benchmarks/bench_memory.py --timm efficientnet_b0 --batch 4 --size 96
 
 Timing is never asserted anywhere; this only prints.
 """
@@ -70,14 +73,31 @@ def saved_bytes(step: Callable[[], torch.Tensor], parameters: set[int]) -> tuple
     return sum(storages.values()), len(storages), out
 
 
-def rank_measure(shape: tuple[int, ...], steps: int, device: str) -> dict[str, Any]:
+def build_timm(name: str, fuse: bool) -> nn.Module:
+    """timm's ``name`` with leaky ReLU activations, random weights, converted (and fused, or not)."""
+    import warnings
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, act_layer="leaky_relu", pretrained=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unfused layers' note: the table says how many were fused
+        return syncnorm.convert_model(model, fuse_activation=fuse)
+
+
+def rank_measure(shape: tuple[int, ...], steps: int, device: str, timm_name: str = "") -> dict[str, Any]:
     """On one rank: saved bytes, peak (CUDA) and step times of every variant."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    models = {v: build(v, shape[1]).to(device).train() for v in VARIANTS}
+    if timm_name:
+        models = {f"{timm_name} {v}": build_timm(timm_name, v == "fused").to(device).train()
+                  for v in ("converted", "fused")}
+    else:
+        models = {v: build(v, shape[1]).to(device).train() for v in VARIANTS}
     x = torch.randn(shape, device=device, generator=None)
-    results: dict[str, Any] = {v: {"times": []} for v in VARIANTS}
+    results: dict[str, Any] = {v: {"times": []} for v in models}
     for v, model in models.items():
         parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         if device == "cuda":
@@ -86,7 +106,8 @@ def rank_measure(shape: tuple[int, ...], steps: int, device: str) -> dict[str, A
             before = torch.cuda.memory_allocated()
         nbytes, count, out = saved_bytes(lambda: model(x), parameters)  # noqa: B023 (called at once)
         out.square().mean().backward()
-        results[v].update(saved=nbytes, tensors=count)
+        fused = sum(isinstance(m, syncnorm.SyncBatchNormAct) for m in model.modules())
+        results[v].update(saved=nbytes, tensors=count, fused=fused)
         if device == "cuda":
             results[v]["peak"] = torch.cuda.max_memory_allocated() - before
         del out
@@ -109,27 +130,34 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=32, help="height and width")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--timm", default="", help="a timm model to measure instead, e.g. efficientnet_b0")
     args = parser.parse_args()
     import bench_memory  # the rank function by its module's name, so that the spawned ranks find it
     from distributed import run_on_ranks
 
     shape = (args.batch, args.channels, args.size, args.size)
-    reports = run_on_ranks(2, bench_memory.rank_measure, shape, args.steps, args.device)
+    if args.timm:
+        shape = (args.batch, 3, args.size, args.size)
+    reports = run_on_ranks(2, bench_memory.rank_measure, shape, args.steps, args.device, args.timm)
     activation = args.batch * args.channels * args.size * args.size * 4
+    what = (f"timm {args.timm} (act_layer='leaky_relu'), input {shape} per rank" if args.timm else
+            f"{BLOCKS} blocks conv3x3 -> norm -> LeakyReLU(0.01), input {shape} per rank (one activation "
+            f"{activation / 2**20:.2f} MiB)")
     print(f"torch {torch.__version__}, {args.device}, 2 Gloo ranks x 1 thread, load average {os.getloadavg()[0]:.1f}; "
-          f"{BLOCKS} blocks conv3x3 -> norm -> LeakyReLU(0.01), input {shape} per rank (one activation "
-          f"{activation / 2**20:.2f} MiB)")
-    baseline = reports[0]["syncnorm SyncBatchNorm + LeakyReLU"]
+          f"{what}")
+    variants = list(reports[0])
+    base = f"{args.timm} converted" if args.timm else "syncnorm SyncBatchNorm + LeakyReLU"
+    baseline = reports[0][base]
     peak = args.device == "cuda"
-    print("| variant | saved MiB | saved tensors | vs SyncBatchNorm + LeakyReLU | "
-          + ("peak MiB | " if peak else "") + "step ms (median) | time vs SyncBatchNorm + LeakyReLU |")
-    print("|---|---|---|---|" + ("---|" if peak else "") + "---|---|")
-    base_time = statistics.median(max(t) for t in zip(*(r["syncnorm SyncBatchNorm + LeakyReLU"]["times"]
-                                                        for r in reports)))
-    for v in VARIANTS:
+    print(f"| variant | SyncBatchNormAct layers | saved MiB | saved tensors | vs {base} | "
+          + ("peak MiB | " if peak else "") + f"step ms (median) | time vs {base} |")
+    print("|---|---|---|---|---|" + ("---|" if peak else "") + "---|---|")
+    base_time = statistics.median(max(t) for t in zip(*(r[base]["times"] for r in reports)))
+    for v in variants:
         r = reports[0][v]
         step = statistics.median(max(t) for t in zip(*(rep[v]["times"] for rep in reports)))
-        cells = [v, f"{r['saved'] / 2**20:.2f}", str(r["tensors"]), f"{r['saved'] / baseline['saved']:.2f}x"]
+        cells = [v, str(r["fused"]), f"{r['saved'] / 2**20:.2f}", str(r["tensors"]),
+                 f"{r['saved'] / baseline['saved']:.2f}x"]
         if peak:
             cells.append(f"{r['peak'] / 2**20:.1f}")
         cells += [f"{step * 1e3:.1f}", f"{step / base_time:.2f}x"]
