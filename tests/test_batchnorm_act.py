@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed import COLLECTIVES, my_slice, run_on_ranks, use_kernels
-from reference import assert_close
+from reference import assert_close, batchnorm_class
 
 import syncnorm
 from syncnorm._errors import SyncNormError
@@ -31,15 +31,36 @@ ACTIVATIONS = {
 }
 
 
-def _batches(sizes: list[int], steps: int, seed: int) -> list[dict[str, Any]]:
+def _batches(sizes: list[int], steps: int, seed: int, shape: tuple[int, ...] = (CHANNELS, 3, 4),
+             dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
     generator = torch.Generator().manual_seed(seed)
-    offset = torch.randn(CHANNELS, 1, 1, generator=generator, dtype=torch.float64)
+    offset = torch.randn(CHANNELS, *[1] * (len(shape) - 1), generator=generator, dtype=torch.float64)
     out = []
     for _ in range(steps):
-        shape = (sum(sizes), CHANNELS, 3, 4)
-        x = torch.randn(shape, generator=generator, dtype=torch.float64) * 2 + offset
-        out.append({"x": x.float(), "dy": torch.randn(shape, generator=generator), "sizes": sizes})
+        full = (sum(sizes), *shape)
+        x = torch.randn(full, generator=generator, dtype=torch.float64) * 2 + offset
+        out.append({"x": x.to(dtype), "dy": torch.randn(full, generator=generator).to(dtype), "sizes": sizes})
     return out
+
+
+def _case(name: str, sizes: list[int], seed: int, layer: Any = None, layout: str = "contiguous",
+          **batch: Any) -> dict[str, Any]:
+    """A layer with activation ``name`` and options ``layer``, trained for 2 steps on ``sizes`` samples a rank."""
+    return {"name": name, "kwargs": {**ACTIVATIONS[name][0], **(layer or {})}, "layout": layout,
+            "steps": _batches(sizes, 2, seed, **batch)}
+
+
+def _cases(sizes: list[int]) -> list[dict[str, Any]]:
+    """Every activation; on 2 ranks also the other layouts, dtypes and layer options (DESIGN-NOTES section 4)."""
+    cases = [_case(name, sizes, seed) for seed, name in enumerate(ACTIVATIONS)]
+    if len(sizes) == 2:
+        cases += [
+            _case("leaky_relu", sizes, 3, layout="channels_last"),
+            _case("elu", sizes, 4, {"affine": False, "momentum": None}, shape=(CHANNELS, 5)),
+            _case("identity", sizes, 5, {"track_running_stats": False}, shape=(CHANNELS,)),
+            _case("leaky_relu", sizes, 6, shape=(CHANNELS, 2, 3, 2), dtype=torch.bfloat16),
+        ]
+    return cases
 
 
 def rank_act_steps(cases: list[dict[str, Any]], kernels: str) -> list[list[dict[str, Any]]]:
@@ -48,60 +69,69 @@ def rank_act_steps(cases: list[dict[str, Any]], kernels: str) -> list[list[dict[
         return [_act_steps(case) for case in cases]
 
 
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
 def _act_steps(case: dict[str, Any]) -> list[dict[str, Any]]:
     layer = syncnorm.SyncBatchNormAct(CHANNELS, **case["kwargs"])
-    with torch.no_grad():
-        layer.weight.copy_(WEIGHT)
-        layer.bias.copy_(BIAS)
+    if layer.affine:
+        with torch.no_grad():
+            layer.weight.copy_(WEIGHT)
+            layer.bias.copy_(BIAS)
     reports = []
     for step in case["steps"]:
-        x = my_slice(step["x"], step["sizes"]).requires_grad_()
-        layer.weight.grad = layer.bias.grad = None
+        x = _layout(my_slice(step["x"], step["sizes"]), case["layout"]).requires_grad_()
+        layer.zero_grad(set_to_none=True)
         COLLECTIVES.reset()
         y = layer(x)
         forward_calls = list(COLLECTIVES.calls)
         COLLECTIVES.reset()
-        (y * my_slice(step["dy"], step["sizes"])).sum().backward()
-        reports.append({"y": y.detach(), "grad_x": x.grad, "grad_weight": layer.weight.grad,
-                        "grad_bias": layer.bias.grad, "forward_calls": forward_calls,
-                        "backward_calls": list(COLLECTIVES.calls),
+        (y * _layout(my_slice(step["dy"], step["sizes"]), case["layout"])).sum().backward()
+        reports.append({"y": y.detach(), "grad_x": x.grad, "forward_calls": forward_calls,
+                        "backward_calls": list(COLLECTIVES.calls), "y_dtype": y.dtype,
+                        "layouts_kept": _layout(y, case["layout"]).stride() == y.stride()
+                        and _layout(x.grad, case["layout"]).stride() == x.grad.stride(),
+                        **{f"grad_{k}": p.grad for k, p in layer.named_parameters()},
                         **{k: v.clone() for k, v in layer.named_buffers()}})
     return reports
 
 
-def _check(name: str, steps: list[dict[str, Any]], reports: list[list[dict[str, Any]]]) -> None:
-    """Every rank's reports of one case against float64 BatchNorm2d + the activation on the whole batch."""
-    reference = torch.nn.BatchNorm2d(CHANNELS, dtype=torch.float64)
-    with torch.no_grad():
-        reference.weight.copy_(WEIGHT)
-        reference.bias.copy_(BIAS)
-    activation = ACTIVATIONS[name][1]
-    for i, step in enumerate(steps):
+def _check(case: dict[str, Any], reports: list[list[dict[str, Any]]]) -> None:
+    """Every rank's reports of one case against float64 BatchNorm + the activation on the whole batch."""
+    dtype = case["steps"][0]["x"].dtype
+    layer = {k: v for k, v in case["kwargs"].items() if k not in ("activation", "negative_slope", "alpha")}
+    reference = batchnorm_class(case["steps"][0]["x"].dim())(CHANNELS, dtype=torch.float64, **layer)
+    if reference.affine:
+        with torch.no_grad():
+            reference.weight.copy_(WEIGHT)
+            reference.bias.copy_(BIAS)
+    activation = ACTIVATIONS[case["name"]][1]
+    for i, step in enumerate(case["steps"]):
         x = step["x"].double().requires_grad_()
-        reference.weight.grad = reference.bias.grad = None
+        reference.zero_grad(set_to_none=True)
         y = activation(reference(x))
         (y * step["dy"].double()).sum().backward()
         got = [r[i] for r in reports]
-        what = f"{name} step {i}"
-        assert_close(torch.cat([g["y"] for g in got]), y.detach(), torch.float32, f"{what} output")
-        assert_close(torch.cat([g["grad_x"] for g in got]), x.grad, torch.float32, f"{what} grad_x")
-        for key, expected in (("grad_weight", reference.weight.grad), ("grad_bias", reference.bias.grad)):
-            assert_close(sum(g[key].double() for g in got), expected, torch.float32, f"{what} summed {key}")
+        what = f"{case['name']} {layer} {dtype} {case['layout']} step {i}"
+        assert_close(torch.cat([g["y"] for g in got]), y.detach(), dtype, f"{what} output")
+        assert_close(torch.cat([g["grad_x"] for g in got]), x.grad, dtype, f"{what} grad_x")
+        for name, p in reference.named_parameters():
+            assert_close(sum(g[f"grad_{name}"].double() for g in got), p.grad, dtype, f"{what} summed grad {name}")
         for g in got:
-            for key in ("running_mean", "running_var"):
-                assert_close(g[key], getattr(reference, key), torch.float32, f"{what} {key}")
-            assert int(g["num_batches_tracked"]) == i + 1
+            assert g["y_dtype"] == dtype and g["layouts_kept"], what
+            for name, b in reference.named_buffers():
+                assert_close(g[name], b, torch.float32, f"{what} {name}")
 
 
 @pytest.mark.parametrize("kernels", ["native", "fused"])
 @pytest.mark.parametrize("sizes", [[3, 5], [4, 0, 3]], ids=["W2-uneven", "W3-empty-rank"])
 def test_matches_float64_batchnorm_and_activation(sizes: list[int], kernels: str) -> None:
-    cases = [{"name": name, "kwargs": kwargs, "steps": _batches(sizes, 2, seed)}
-             for seed, (name, (kwargs, _)) in enumerate(ACTIVATIONS.items())]
+    cases = _cases(sizes)
     results = run_on_ranks(len(sizes), rank_act_steps, cases, kernels)
     for i, case in enumerate(cases):
         per_rank = [r[i] for r in results]
-        _check(case["name"], case["steps"], per_rank)
+        _check(case, per_rank)
         for steps in per_rank:  # syncnorm.SyncBatchNorm's budget: first step two all-reduces (the merge cache)
             assert [c[0] for c in steps[0]["forward_calls"]] == ["all_reduce"] * 2
             assert steps[1]["forward_calls"] == [("all_reduce", 4 * CHANNELS + 1, (4 * CHANNELS + 1) * 8)]
