@@ -152,6 +152,7 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         cache: Optional[_shift.MergeShift],
         update_cache: bool,
         activation: _Activation,
+        grad_enabled: bool,
     ) -> Tensor:
         backend = _backends.choose(x)
         x = _kernels.keep_layout(x)
@@ -185,7 +186,8 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.input_dtype = x.dtype
         fallback = None
-        if any(ctx.needs_input_grad[:3]) and x.numel():  # nothing to keep for a forward without backward
+        # Nothing to keep for a forward without backward (needs_input_grad is True under no_grad too).
+        if grad_enabled and any(ctx.needs_input_grad[:3]) and x.numel():
             fallback = _fallback_channels(y, weight, bias, activation, stats_dtype)
         kept = None if fallback is None else x.index_select(1, fallback)
         ctx.save_for_backward(
@@ -241,7 +243,7 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
     )
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (None if grad_x is None else grad_x.to(ctx.input_dtype), _function._to(grad_weight, weight_dtype),
-            _function._to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None, None)
+            _function._to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None, None, None)
 
 
 class SyncBatchNormAct(_BatchNorm):
@@ -408,7 +410,7 @@ class SyncBatchNormAct(_BatchNorm):
             cache = _shift.for_step(self, group, input)
             output = SyncBatchNormActFunction.apply(
                 input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, description,
-                cache, not recomputing, self._activation(),
+                cache, not recomputing, self._activation(), torch.is_grad_enabled(),
             )
             if validating:
                 _validate.check_backward(self, output, input, description)

@@ -16,6 +16,7 @@ from distributed import COLLECTIVES, my_slice, run_on_ranks, use_kernels
 from reference import assert_close, batchnorm_class
 
 import syncnorm
+import syncnorm.activation as activation_module
 from syncnorm._errors import SyncNormError
 
 CHANNELS = 7
@@ -163,6 +164,18 @@ def rank_saved_and_double_backward(x: torch.Tensor, sizes: list[int]) -> dict[st
         large = [t for t in saved if t.numel() > CHANNELS]  # anything but per-channel values
         out[name] = {"is_output": [t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr() for t in large],
                      "numel": [t.numel() for t in large], "output_numel": y.numel()}
+    # A training forward under no_grad (update_bn_stats, evaluation code) chooses no channels to keep (no host sync).
+    calls: list[int] = []
+    choose = activation_module._fallback_channels
+    activation_module._fallback_channels = lambda *args: calls.append(1) or choose(*args)  # type: ignore[assignment]
+    try:
+        with torch.no_grad():
+            layer(my_slice(x, sizes).requires_grad_())
+        out["no_grad_choices"] = len(calls)
+        layer(my_slice(x, sizes).requires_grad_())
+        out["grad_choices"] = len(calls)
+    finally:
+        activation_module._fallback_channels = choose
     layer = syncnorm.SyncBatchNormAct(CHANNELS, activation="elu")
     xl = my_slice(x, sizes).requires_grad_()
     (grad,) = torch.autograd.grad(layer(xl).square().sum(), xl, create_graph=True)
@@ -193,6 +206,13 @@ def test_channels_that_cannot_be_inverted_keep_only_their_input(
         fallback = per_rank["fallback"]
         assert fallback["is_output"] == [True, False], fallback
         assert fallback["numel"][1] * CHANNELS == fallback["output_numel"] * 3
+
+
+def test_training_forward_under_no_grad_chooses_nothing_to_keep(
+    saved_and_double_backward: list[dict[str, Any]]
+) -> None:
+    for per_rank in saved_and_double_backward:
+        assert (per_rank["no_grad_choices"], per_rank["grad_choices"]) == (0, 1)
 
 
 def test_double_backward_is_refused_clearly(saved_and_double_backward: list[dict[str, Any]]) -> None:
