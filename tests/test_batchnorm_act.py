@@ -85,7 +85,7 @@ def _act_steps(case: dict[str, Any]) -> list[dict[str, Any]]:
         x = _layout(my_slice(step["x"], step["sizes"]), case["layout"]).requires_grad_()
         layer.zero_grad(set_to_none=True)
         COLLECTIVES.reset()
-        y = layer(x)
+        y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if case.get("checkpoint") else layer(x)
         forward_calls = list(COLLECTIVES.calls)
         COLLECTIVES.reset()
         (y * _layout(my_slice(step["dy"], step["sizes"]), case["layout"])).sum().backward()
@@ -152,9 +152,10 @@ def _saved_by(layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, li
         return layer(x), saved
 
 
-def rank_saved_and_double_backward(x: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
-    """What autograd keeps for one training forward (sizes of the saved tensors), and a double backward."""
-    out: dict[str, Any] = {}
+def rank_saved_and_double_backward(x: torch.Tensor, sizes: list[int], checkpointed: dict[str, Any]) -> dict[str, Any]:
+    """What autograd keeps for one training forward (sizes of the saved tensors), a double backward, and the
+    ``checkpointed`` case under activation checkpointing."""
+    out: dict[str, Any] = {"checkpointed": _act_steps(checkpointed)}
     for name, weight in (("inverted", WEIGHT.abs() + 0.5), ("fallback", WEIGHT)):
         layer = syncnorm.SyncBatchNormAct(CHANNELS, activation="leaky_relu")
         with torch.no_grad():
@@ -187,10 +188,18 @@ def rank_saved_and_double_backward(x: torch.Tensor, sizes: list[int]) -> dict[st
     return out
 
 
+CHECKPOINTED = {**_case("leaky_relu", [2, 5], 7), "checkpoint": True}
+
+
 @pytest.fixture(scope="module")
 def saved_and_double_backward() -> list[dict[str, Any]]:
     x = torch.randn(7, CHANNELS, 3, 4, generator=torch.Generator().manual_seed(5))
-    return run_on_ranks(2, rank_saved_and_double_backward, x, [4, 3])
+    return run_on_ranks(2, rank_saved_and_double_backward, x, [4, 3], CHECKPOINTED)
+
+
+def test_activation_checkpointing_counts_each_batch_once(saved_and_double_backward: list[dict[str, Any]]) -> None:
+    # The forward recomputed in backward synchronises again but updates nothing (running statistics, counter).
+    _check(CHECKPOINTED, [r["checkpointed"] for r in saved_and_double_backward])
 
 
 def test_autograd_keeps_only_the_output(saved_and_double_backward: list[dict[str, Any]]) -> None:
