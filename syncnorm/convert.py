@@ -89,12 +89,15 @@ def convert_model(
             ``model.named_modules()``; a name excludes everything inside that module too) or a
             predicate ``(name, module) -> bool`` called for every module, True excluding it and
             everything inside it.
-        fuse_activation: also turn timm's ``BatchNormAct2d`` layers whose activation is invertible
-            (``torch.nn.LeakyReLU`` with a positive slope, ``torch.nn.ELU``, ``torch.nn.Identity``, no drop
-            layer, no hooks on the activation) into ``syncnorm.SyncBatchNormAct``, which keeps only its
-            output for backward (the docs' memory guide). The layer object stays the same, its activation
-            module is set aside for ``revert_model``. The others (ReLU, SiLU: not invertible) are converted
-            as without it, and a warning names them.
+        fuse_activation: also turn into ``syncnorm.SyncBatchNormAct``, which keeps only its output for
+            backward (the docs' memory guide), timm's ``BatchNormAct2d`` layers whose activation is
+            invertible (``torch.nn.LeakyReLU`` with a positive slope, ``torch.nn.ELU``, ``torch.nn.Identity``;
+            no drop layer, no hooks on the activation), and, inside a ``torch.nn.Sequential``, a
+            ``torch.nn.BatchNorm1d/2d/3d`` directly followed by a ``torch.nn.LeakyReLU`` or ``torch.nn.ELU``
+            (no forward or backward hooks on either; the activation's place then holds an identity). The
+            BatchNorm layer object stays the same; the activation modules are kept for ``revert_model``.
+            ``BatchNormAct2d`` layers with other activations (ReLU, SiLU: not invertible) are converted as
+            without it, and a warning names them.
 
     Returns:
         ``module`` itself, converted.
@@ -119,6 +122,8 @@ def convert_model(
             continue
         if is_excluded(name, layer):
             excluded.append(name)
+        elif fuse_activation and isinstance(layer, nn.Sequential):
+            _fuse_sequential(layer, name, process_group, is_excluded)
         elif isinstance(layer, _BatchNorm) and not _is_synchronised(layer):
             fusable = _fusable_activation(layer) if fuse_activation and _is_timm_batchnorm_act(layer) else None
             if fusable is not None:
@@ -161,7 +166,10 @@ def revert_model(module: nn.Module) -> nn.Module:
         >>> model = syncnorm.revert_model(model).eval()
         >>> torch.export.export(model, (torch.randn(1, 3, 224, 224),))
     """
-    for layer in module.modules():
+    for layer in list(module.modules()):
+        for key, child in layer._modules.items():
+            if type(child) is _FusedActivation:  # an existing key gets its module back: the dict keeps its size
+                layer._modules[key] = child.__dict__["_syncnorm_activation"]
         if type(layer) is SyncBatchNorm or getattr(type(layer), "_syncnorm_generated", False):
             _revert_layer(layer)
         elif type(layer) is SyncBatchNormAct and "_syncnorm_fused" in layer.__dict__:
@@ -217,7 +225,18 @@ def _fusable_activation(layer: nn.Module) -> Optional[dict[str, Any]]:
     act, drop = children.get("act"), children.get("drop")
     if set(children) - {"act", "drop"} or (drop is not None and type(drop) is not nn.Identity) or act is None:
         return None
-    if act._forward_hooks or act._forward_pre_hooks or act._backward_hooks:
+    return _activation_arguments(act)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a hook watches ``module``'s output or gradients (a fused layer would change what it sees)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _activation_arguments(act: nn.Module) -> Optional[dict[str, Any]]:
+    """``SyncBatchNormAct``'s arguments for an activation module, or None when it is not invertible or hooked."""
+    if _hooked(act):
         return None
     if type(act) is nn.LeakyReLU and act.negative_slope > 0:
         return {"activation": "leaky_relu", "negative_slope": float(act.negative_slope), "alpha": 1.0}
@@ -237,7 +256,8 @@ def _fuse_layer(layer: _BatchNorm, process_group: Optional[_comm.ProcessGroup], 
     state["_syncnorm_kept"] = kept
     state["_syncnorm_original"] = type(layer)
     state["_syncnorm_fused"] = {child: layer._modules.pop(child) for child in list(layer._modules)}
-    state["process_group"] = process_group
+    if process_group is not None or "process_group" not in state:  # torch's SyncBatchNorm keeps its own group
+        state["process_group"] = process_group
     state["layer_name"] = name
     state.update(activation)
     layer.__class__ = SyncBatchNormAct
@@ -266,6 +286,38 @@ def _convert_layer(layer: _BatchNorm, process_group: Optional[_comm.ProcessGroup
         layer.__class__ = SyncBatchNorm
     else:
         layer.__class__ = _synchronised_class(original)
+
+
+class _FusedActivation(nn.Identity):
+    """The place of an activation that ``convert_model(fuse_activation=True)`` fused into the BatchNorm before it.
+
+    The activation module itself waits here (not as a child) for ``revert_model``, which puts it back.
+    """
+
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["_syncnorm_activation"] = activation
+
+    def extra_repr(self) -> str:
+        return f"fused into the previous layer: {self.__dict__['_syncnorm_activation']}"
+
+
+def _fuse_sequential(sequence: nn.Sequential, prefix: str, process_group: Optional[_comm.ProcessGroup],
+                     is_excluded: Callable[[str, nn.Module], bool]) -> None:
+    """Fuse every BatchNorm -> invertible activation pair of ``sequence``'s children (the output flows nowhere else)."""
+    keys = list(sequence._modules)
+    for first, second in zip(keys, keys[1:]):
+        norm, act = sequence._modules[first], sequence._modules[second]
+        if not isinstance(norm, _BatchNorm) or act is None or type(norm) not in _PLAIN or _hooked(norm):
+            continue
+        if isinstance(norm, LazyModuleMixin) and norm.has_uninitialized_params():
+            continue  # left to the usual conversion, which says what to do
+        arguments = _activation_arguments(act)
+        names = [f"{prefix}.{key}" if prefix else key for key in (first, second)]
+        if arguments is None or is_excluded(names[0], norm) or is_excluded(names[1], act):
+            continue
+        _fuse_layer(norm, process_group, names[0], arguments)
+        sequence._modules[second] = _FusedActivation(act)
 
 
 def _revert_layer(layer: nn.Module) -> None:

@@ -270,10 +270,13 @@ def _timm_blocks() -> torch.nn.Module:
         torch.nn.Conv2d(4, 4, 1), BatchNormAct2d(4, act_layer=torch.nn.ELU),
         torch.nn.Conv2d(4, 4, 1), BatchNormAct2d(4, apply_act=False),
         torch.nn.Conv2d(4, 4, 1), BatchNormAct2d(4, act_layer=torch.nn.ReLU),
+        # torch's own modules in a Sequential: BatchNorm -> ELU is fused, BatchNorm -> ReLU is not.
+        torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ELU(0.5),
+        torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
     )
 
 
-def test_convert_model_fuses_invertible_timm_batchnorm_act_and_reverts() -> None:
+def test_convert_model_fuses_invertible_activations_and_reverts() -> None:
     import copy
 
     torch.manual_seed(0)
@@ -282,26 +285,29 @@ def test_convert_model_fuses_invertible_timm_batchnorm_act_and_reverts() -> None
     classes = [type(m) for m in model]
     parameters = {name: p for name, p in model.named_parameters()}
     activations = [m._modules.get("act") for m in model]
+    modules = list(model)
     with pytest.warns(UserWarning, match=r"1 BatchNormAct2d layers unfused .*: 7 \(ReLU\)"):
         syncnorm.convert_model(model, fuse_activation=True)
-    assert [type(model[i]) for i in (1, 3, 5)] == [syncnorm.SyncBatchNormAct] * 3
-    assert [(model[i].activation, model[i].negative_slope, model[i].alpha) for i in (1, 3, 5)] == [
-        ("leaky_relu", 0.2, 1.0), ("elu", 0.01, 1.0), ("identity", 0.01, 1.0)]
+    assert [type(model[i]) for i in (1, 3, 5, 9)] == [syncnorm.SyncBatchNormAct] * 4
+    assert [(model[i].activation, model[i].negative_slope, model[i].alpha) for i in (1, 3, 5, 9)] == [
+        ("leaky_relu", 0.2, 1.0), ("elu", 0.01, 1.0), ("identity", 0.01, 1.0), ("elu", 0.01, 0.5)]
+    assert isinstance(model[10], torch.nn.Identity) and type(model[12]) is syncnorm.SyncBatchNorm
     assert type(model[7]).__name__ == "SyncBatchNormAct2d" and "act" in model[7]._modules  # converted, not fused
     assert all(p is parameters[name] for name, p in model.named_parameters())
     assert list(model.state_dict()) == list(original.state_dict())
-    # Without a process group: what the timm model computes, forward and backward, and the same running stats.
+    # Without a process group: what the original computes in float64, forward and backward, and running stats.
     x = torch.randn(5, 3, 4, 4)
-    for net in (model, original):
-        net(x).square().sum().backward()
+    original.double()
+    model(x).square().mean().backward()
+    original(x.double()).square().mean().backward()
     for (name, p), q in zip(model.named_parameters(), original.parameters()):
         assert_close(p.grad, q.grad, torch.float32, f"grad of {name}")
     for (name, b), c in zip(model.named_buffers(), original.buffers()):
         assert_close(b, c, torch.float32, name)
 
     syncnorm.revert_model(model)
-    assert [type(m) for m in model] == classes
+    assert [type(m) for m in model] == classes and list(model) == modules  # the same module objects
     assert [m._modules.get("act") for m in model] == activations  # the same activation modules
     assert all(p is parameters[name] for name, p in model.named_parameters())
-    assert not any(hasattr(model[i], "activation") or hasattr(model[i], "process_group") for i in (1, 3, 5))
-    assert_close(model.eval()(x), original.eval()(x), torch.float32, "reverted model, eval")
+    assert not any(hasattr(model[i], "activation") or hasattr(model[i], "process_group") for i in (1, 3, 5, 9))
+    assert_close(model.eval()(x), original.eval()(x.double()), torch.float32, "reverted model, eval")
