@@ -12,11 +12,13 @@ BatchNorm does (Rota Bulo et al., CVPR 2018), and recovers what the backward nee
 - the BatchNorm backward on ``xhat``: ONE all-reduce of the 2C sums ``[sum dz, sum dz xhat]``, then
   ``grad_x = weight invstd (dz - sum dz / N - xhat sum dz xhat / N)`` with the global sums.
 
-That backward is ``_function.backward_gradients`` of a BatchNorm whose input is ``xhat``, mean 0 and
-invstd 1, scaled by ``alpha = weight invstd``: the per-channel work and the all-reduce go through the
-kernel backend of the step (``native`` or ``fused``, ``_backends``), the element-wise inversion is
-aten ops on every backend. The forward is ``SyncBatchNormFunction``'s: ``merged_statistics`` and
-``finish_statistics`` (same all-reduce, merge cache, count check), then the activation in place.
+That backward is ``_function.backward_gradients`` of a BatchNorm whose input is ``z``, with the bias
+as its mean and ``1 / weight`` as its invstd (so its ``xhat`` is this layer's), scaled by ``alpha =
+weight invstd``: the reductions, the input gradient and the all-reduce go through the kernel backend of
+the step (``native`` or ``fused``, ``_backends``); the inversion (``_Activation``) is aten ops on every
+backend. Its all-reduce sums ``[sum dz, sum dz xhat]``, the same quantities on every rank. The forward
+is ``SyncBatchNormFunction``'s: ``merged_statistics`` and ``finish_statistics`` (same all-reduce, merge
+cache, count check), then the activation in place.
 
 Where the inversion is not accurate (``_fallback_channels``: a zero or tiny weight, a bias much larger
 than the weight, ELU deep in its flat tail) the layer also keeps those channels' input (and only those),
@@ -44,6 +46,10 @@ ACTIVATIONS = ("leaky_relu", "elu", "identity")
 _MAX_LOSS = {torch.float64: 64.0, torch.float32: 64.0, torch.float16: 4.0, torch.bfloat16: 4.0}
 
 
+# Below this |weight| a channel keeps its input whatever K says: the backward's 1 / weight^2 stays < 2^100.
+_MIN_WEIGHT = 2.0**-50
+
+
 class _Activation:
     """The activation of a layer: its in-place forward, its inverse and its derivative, all read from ``y``."""
 
@@ -62,16 +68,21 @@ class _Activation:
             return F.elu_(y, self.alpha)
         return y
 
-    def inverse(self, y: Tensor, dtype: torch.dtype) -> Tensor:
-        """``z = act^-1(y)`` in ``dtype`` (a new tensor; ``y`` is the saved output and stays as it is)."""
-        y = y.to(dtype)
+    def inverse(self, y: Tensor, dtype: torch.dtype, writable: bool) -> Tensor:
+        """``z = act^-1(y)`` in ``dtype``; never ``y`` itself (the saved output) when ``writable``.
+
+        Leaky ReLU's inverse is leaky ReLU with slope ``1 / slope``: one pass, ``z`` to 2 units of rounding.
+        """
         if self.name == "leaky_relu":
-            return torch.where(y < 0, y / self.negative_slope, y)
+            if y.dtype != dtype:
+                return F.leaky_relu_(y.to(dtype), 1 / self.negative_slope)
+            return F.leaky_relu(y, 1 / self.negative_slope)
+        y = y.to(dtype)
         if self.name == "elu":
             # y = alpha (exp(z) - 1) > -alpha; a y rounded to -alpha (z below ~-17 in float32) would give
             # -inf: such a channel is never inverted (_fallback_channels), so the value does not matter.
             return torch.where(y < 0, torch.log1p(y / self.alpha), y)
-        return y.clone() if y.dtype == dtype else y
+        return y.clone() if writable and y.dtype == dtype else y
 
     def backward(self, dy: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
         """``dz = dy * act'(z)`` in ``dtype``, from the output ``y`` as torch's in-place activations compute it."""
@@ -130,6 +141,8 @@ def _fallback_channels(y: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     if weight is not None:
         loss = loss / weight.detach().to(dtype).abs()
     bad = (loss <= _MAX_LOSS[y.dtype]).logical_not_()
+    if weight is not None:  # the backward squares 1 / weight: keep it far from overflow (float32: 2^100)
+        bad.logical_or_(weight.detach().abs() < _MIN_WEIGHT)
     index = bad.nonzero().view(-1)
     return index if index.numel() else None
 
@@ -186,8 +199,9 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.input_dtype = x.dtype
         fallback = None
-        # Nothing to keep for a forward without backward (needs_input_grad is True under no_grad too).
-        if grad_enabled and any(ctx.needs_input_grad[:3]) and x.numel():
+        # Nothing to keep for a forward without backward (needs_input_grad is True under no_grad too). An empty
+        # rank chooses too: its backward's per-channel factors must stay finite (a zero weight).
+        if grad_enabled and any(ctx.needs_input_grad[:3]):
             fallback = _fallback_channels(y, weight, bias, activation, stats_dtype)
         kept = None if fallback is None else x.index_select(1, fallback)
         ctx.save_for_backward(
@@ -208,38 +222,47 @@ class SyncBatchNormActFunction(torch.autograd.Function):
 
 
 def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
-    """xhat and dz from the output, then the BatchNorm backward of ``xhat`` (one all-reduce of the 2C sums)."""
+    """z and dz from the output, then BatchNorm's backward of z (one all-reduce of the 2C sums)."""
     y, weight, bias, mean, residual, invstd, alpha, coef, int_count, fallback, kept = ctx.saved_tensors
     activation: _Activation = ctx.activation
     dtype = mean.dtype
     dz = _kernels.like_layout(activation.backward(grad_output, y, dtype), y)
-    xhat = activation.inverse(y, dtype)
-    if bias is not None:
-        xhat.sub_(_kernels.per_channel(bias, xhat))
-    if weight is not None:
-        # Channels kept as input get their xhat below; a weight of 1 there keeps this division finite.
-        divisor = weight if fallback is None else weight.index_fill(0, fallback, 1.0)
-        xhat.div_(_kernels.per_channel(divisor, xhat))
+    z = activation.inverse(y, dtype, writable=fallback is not None)
+    # BatchNorm's backward, written for an input z with per-channel "mean" bias and "invstd" 1 / weight: its
+    # xhat is (z - bias) / weight, this layer's, so its gradients are this layer's (grad_weight = sum dz xhat,
+    # grad_bias = sum dz, grad_x = alpha (dz - mean dz - xhat mean dz xhat), alpha = weight invstd). z - bias is
+    # formed per element before any product (as x - mean is), so a large bias cancels no digits beyond z's own.
+    center = torch.zeros_like(invstd) if bias is None else bias.clone()
+    scale = torch.ones_like(invstd) if weight is None else weight.reciprocal()
+    shift = torch.zeros_like(invstd)
     if fallback is not None:
-        # (x - m) invstd with m = m32 + residual, as the forward normalised: exact whatever the weight.
-        exact = kept.to(dtype).sub_(_kernels.per_channel(mean[fallback], kept))
-        exact.sub_(_kernels.per_channel(residual[fallback], kept)).mul_(_kernels.per_channel(invstd[fallback], kept))
-        xhat.index_copy_(1, fallback, exact)
-
-    # BatchNorm's backward of an input xhat with mean 0, invstd 1 and weight alpha = weight * invstd is
-    # alpha (dz - mean dz - xhat mean dz xhat), this layer's; grad_weight = sum dz xhat, grad_bias = sum dz.
-    zeros = torch.zeros_like(invstd)
+        # Channels the inversion cannot serve run the ordinary BatchNorm backward on their kept input: mean
+        # m32 + residual, invstd the batch's, as SyncBatchNormFunction's backward (exact whatever the weight).
+        z.index_copy_(1, fallback, kept.to(dtype))
+        center.index_copy_(0, fallback, mean[fallback])
+        shift.index_copy_(0, fallback, residual[fallback])
+        scale.index_copy_(0, fallback, invstd[fallback])
+    scale2 = scale * scale
     saved = _backends.Saved(
-        weight=alpha, mean=zeros, invstd=torch.ones_like(invstd), residual=zeros, r_invstd2=zeros, alpha=alpha,
-        coef=None if coef is None else torch.stack([coef, coef]), int_count=int_count, zeros=zeros,
+        weight=alpha / scale, mean=center, invstd=scale, residual=shift, r_invstd2=shift * scale2, alpha=alpha,
+        coef=None if coef is None else torch.stack([coef, coef * scale2]), int_count=int_count,
+        zeros=torch.zeros_like(invstd),
     )
 
     def all_reduce(sums: Tensor) -> Tensor:
+        # backward_gradients' sums are about this rank's centers and scales, [sum dz - r s^2 S, S] with
+        # S = sum dz (z - center - r); ranks may choose different channels to keep (ELU's tail is the
+        # batch's, an empty rank has none), so they are summed as [sum dz, s S = sum dz xhat], the same
+        # quantities on every rank, and turned back into this rank's form.
+        sums[0].addcmul_(saved.r_invstd2, sums[1])
+        sums[1].mul_(scale)
         _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
+        sums[1].div_(scale)
+        sums[0].addcmul_(saved.r_invstd2, sums[1], value=-1)
         return sums
 
     grad_x, grad_weight, grad_bias = _function.backward_gradients(
-        ctx.backend, xhat, saved, dz, ctx.needs_input_grad[:3], all_reduce
+        ctx.backend, z, saved, dz, ctx.needs_input_grad[:3], all_reduce
     )
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (None if grad_x is None else grad_x.to(ctx.input_dtype), _function._to(grad_weight, weight_dtype),

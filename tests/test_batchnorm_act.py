@@ -20,11 +20,12 @@ import syncnorm.activation as activation_module
 from syncnorm._errors import SyncNormError
 
 CHANNELS = 7
-# zero, negative, tiny (1e-7: |bias| / |weight| far beyond what the inversion keeps), small weight against a
-# large bias (fallback), a small one against a small bias (inverted), an ordinary one, and one that sends ELU
-# deep into its flat tail (y rounds to -alpha there: ELU keeps that channel's input; the others invert it).
-WEIGHT = torch.tensor([0.0, -0.7, 1e-7, 0.01, 0.05, 1.3, 8.0])
-BIAS = torch.tensor([0.4, -0.3, 0.2, 2.0, 0.1, -0.5, -6.0])
+# zero, negative, tiny (1e-30 with a zero bias: the inversion's K is small, but 1 / weight^2 would overflow),
+# small weight against a large bias (fallback), a small one against a small bias (inverted), an ordinary one,
+# and one that sends ELU deep into its flat tail (y rounds to -alpha there: ELU keeps that channel's input; the
+# others invert it).
+WEIGHT = torch.tensor([0.0, -0.7, 1e-30, 0.01, 0.05, 1.3, 8.0])
+BIAS = torch.tensor([0.4, -0.3, 0.0, 2.0, 0.1, -0.5, -6.0])
 ACTIVATIONS = {
     "leaky_relu": ({"activation": "leaky_relu", "negative_slope": 0.1}, lambda z: F.leaky_relu(z, 0.1)),
     "elu": ({"activation": "elu", "alpha": 0.8}, lambda z: F.elu(z, 0.8)),
@@ -33,13 +34,15 @@ ACTIVATIONS = {
 
 
 def _batches(sizes: list[int], steps: int, seed: int, shape: tuple[int, ...] = (CHANNELS, 3, 4),
-             dtype: torch.dtype = torch.float32) -> list[dict[str, Any]]:
+             dtype: torch.dtype = torch.float32, first_rank_high: bool = False) -> list[dict[str, Any]]:
     generator = torch.Generator().manual_seed(seed)
     offset = torch.randn(CHANNELS, *[1] * (len(shape) - 1), generator=generator, dtype=torch.float64)
     out = []
     for _ in range(steps):
         full = (sum(sizes), *shape)
         x = torch.randn(full, generator=generator, dtype=torch.float64) * 2 + offset
+        if first_rank_high:  # the last channel well above its mean on rank 0 only: ELU's tail on the other ranks
+            x[: sizes[0], -1] += 6
         out.append({"x": x.to(dtype), "dy": torch.randn(full, generator=generator).to(dtype), "sizes": sizes})
     return out
 
@@ -60,6 +63,8 @@ def _cases(sizes: list[int]) -> list[dict[str, Any]]:
             _case("elu", sizes, 4, {"affine": False, "momentum": None}, shape=(CHANNELS, 5)),
             _case("identity", sizes, 5, {"track_running_stats": False}, shape=(CHANNELS,)),
             _case("leaky_relu", sizes, 6, shape=(CHANNELS, 2, 3, 2), dtype=torch.bfloat16),
+            # A channel inverted on one rank and kept on the other: the gradient sums still add up.
+            _case("elu", sizes, 7, first_rank_high=True),
         ]
     return cases
 
