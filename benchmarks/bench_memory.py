@@ -9,11 +9,14 @@ of one step, median over the steps of the slower rank, the variants interleaved 
 once, in turn, so background load hits all alike); CPU timings on a shared machine are indicative only.
 With ``--timm NAME`` a timm model built with ``act_layer="leaky_relu"`` (random weights, nothing downloaded) is
 measured the same way, converted by ``syncnorm.convert_model`` without and with ``fuse_activation=True``.
+With ``--layer`` only the normalisation and activation are timed (no convolutions): forward + backward of
+one layer on its own, thread CPU time of each rank (robust to other load), median over the steps.
 
 Run:
     PYTHONPATH=.:tests python benchmarks/bench_memory.py
     PYTHONPATH=.:tests python benchmarks/bench_memory.py --batch 16 --channels 64 --size 32 --steps 10
     PYTHONPATH=.:tests python benchmarks/bench_memory.py --timm efficientnet_b0 --batch 4 --size 96
+    PYTHONPATH=.:tests python benchmarks/bench_memory.py --layer --steps 20
 
 Timing is never asserted anywhere; this only prints.
 """
@@ -34,10 +37,11 @@ import syncnorm
 BLOCKS = 8
 
 
-def _norm_act(variant: str, channels: int) -> list[nn.Module]:
+def _norm_act(variant: str, channels: int, dims: int = 4) -> list[nn.Module]:
     if variant == "SyncBatchNormAct":
         return [syncnorm.SyncBatchNormAct(channels, activation="leaky_relu", negative_slope=0.01)]
-    norm = syncnorm.SyncBatchNorm(channels) if variant.startswith("syncnorm") else nn.BatchNorm2d(channels)
+    torch_norm = nn.BatchNorm2d if dims == 4 else nn.BatchNorm1d
+    norm = syncnorm.SyncBatchNorm(channels) if variant.startswith("syncnorm") else torch_norm(channels)
     return [norm, nn.LeakyReLU(0.01, inplace=variant.endswith("(inplace)"))]
 
 
@@ -123,6 +127,44 @@ def rank_measure(shape: tuple[int, ...], steps: int, device: str, timm_name: str
     return results
 
 
+def rank_layer_times(shapes: list[tuple[int, ...]], steps: int) -> dict[tuple[int, ...], dict[str, float]]:
+    """On one rank: per shape, the median thread CPU time of forward + backward of each variant's norm and act."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    out = {}
+    for shape in shapes:
+        torch.manual_seed(0)
+        layers = {v: nn.Sequential(*_norm_act(v, shape[1], len(shape))).train() for v in VARIANTS}
+        x, dy = torch.randn(shape).requires_grad_(), torch.randn(shape)
+        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        for _ in range(steps):
+            for v, layer in layers.items():
+                dist.barrier()
+                start = time.thread_time()
+                (layer(x) * dy).sum().backward()
+                times[v].append(time.thread_time() - start)
+        out[shape] = {v: statistics.median(t) for v, t in times.items()}
+    return out
+
+
+def print_layer_times(steps: int) -> None:
+    import bench_memory
+    from distributed import run_on_ranks
+
+    shapes = [(8, 64, 32, 32), (32, 256, 7, 7), (64, 512)]
+    reports = run_on_ranks(2, bench_memory.rank_layer_times, shapes, steps)
+    base = "syncnorm SyncBatchNorm + LeakyReLU"
+    print(f"torch {torch.__version__}, cpu, 2 Gloo ranks x 1 thread, load average {os.getloadavg()[0]:.1f}; one layer, "
+          f"forward + backward, thread CPU ms, median of {steps}, slower rank; ratio to {base}")
+    print("| shape per rank | " + " | ".join(VARIANTS) + " |")
+    print("|---|" + "---|" * len(VARIANTS))
+    for shape in shapes:
+        times = {v: max(r[shape][v] for r in reports) for v in VARIANTS}
+        cells = [f"{times[v] * 1e3:.2f} ({times[v] / times[base]:.2f}x)" for v in VARIANTS]
+        print(f"| {shape} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8, help="samples per rank")
@@ -131,7 +173,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--timm", default="", help="a timm model to measure instead, e.g. efficientnet_b0")
+    parser.add_argument("--layer", action="store_true", help="time one norm + activation layer instead")
     args = parser.parse_args()
+    if args.layer:
+        print_layer_times(args.steps)
+        return
     import bench_memory  # the rank function by its module's name, so that the spawned ranks find it
     from distributed import run_on_ranks
 
