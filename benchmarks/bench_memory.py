@@ -5,8 +5,8 @@ One training step of a net of 8 conv -> BatchNorm -> LeakyReLU blocks, on 2 Gloo
 (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded: what a step keeps alive until its
 backward. The network's input (saved by the first convolution) is in every row. On CUDA tensors
 (``--device cuda``) the peak of allocated memory over the step is printed too. Time: forward + backward
-of one step, median over the steps of the slower rank, the variants interleaved (every step times each
-once, in turn, so background load hits all alike); CPU timings on a shared machine are indicative only.
+of one step (CPU: the rank's thread CPU time, robust to other load; CUDA: wall time), median over the steps
+of the slower rank, the variants interleaved (every step times each once, in turn).
 With ``--timm NAME`` a timm model built with ``act_layer="leaky_relu"`` (random weights, nothing downloaded) is
 measured the same way, converted by ``syncnorm.convert_model`` without and with ``fuse_activation=True``.
 With ``--layer`` only the normalisation and activation are timed (no convolutions): forward + backward of
@@ -102,6 +102,8 @@ def rank_measure(shape: tuple[int, ...], steps: int, device: str, timm_name: str
         models = {v: build(v, shape[1]).to(device).train() for v in VARIANTS}
     x = torch.randn(shape, device=device, generator=None)
     results: dict[str, Any] = {v: {"times": []} for v in models}
+    # CPU: the rank's thread CPU time (robust to other load on the machine); CUDA: wall time.
+    clock = time.perf_counter if device == "cuda" else time.thread_time
     for v, model in models.items():
         parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
         if device == "cuda":
@@ -118,11 +120,11 @@ def rank_measure(shape: tuple[int, ...], steps: int, device: str, timm_name: str
     for _ in range(steps):
         for v, model in models.items():
             dist.barrier()
-            start = time.perf_counter()
+            start = clock()
             model(x).square().mean().backward()
             if device == "cuda":
                 torch.cuda.synchronize()
-            results[v]["times"].append(time.perf_counter() - start)
+            results[v]["times"].append(clock() - start)
             model.zero_grad(set_to_none=True)
     return results
 
