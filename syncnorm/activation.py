@@ -232,33 +232,37 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
     # xhat is (z - bias) / weight, this layer's, so its gradients are this layer's (grad_weight = sum dz xhat,
     # grad_bias = sum dz, grad_x = alpha (dz - mean dz - xhat mean dz xhat), alpha = weight invstd). z - bias is
     # formed per element before any product (as x - mean is), so a large bias cancels no digits beyond z's own.
-    center = torch.zeros_like(invstd) if bias is None else bias.clone()
+    zeros = torch.zeros_like(invstd)
+    center = zeros if bias is None else bias
     scale = torch.ones_like(invstd) if weight is None else weight.reciprocal()
-    shift = torch.zeros_like(invstd)
+    shift = zeros
     if fallback is not None:
         # Channels the inversion cannot serve run the ordinary BatchNorm backward on their kept input: mean
         # m32 + residual, invstd the batch's, as SyncBatchNormFunction's backward (exact whatever the weight).
         z.index_copy_(1, fallback, kept.to(dtype))
-        center.index_copy_(0, fallback, mean[fallback])
-        shift.index_copy_(0, fallback, residual[fallback])
+        center = center.index_copy(0, fallback, mean[fallback])
+        shift = shift.index_copy(0, fallback, residual[fallback])
         scale.index_copy_(0, fallback, invstd[fallback])
     scale2 = scale * scale
+    fused = ctx.backend is _backends.FUSED
     saved = _backends.Saved(
-        weight=alpha / scale, mean=center, invstd=scale, residual=shift, r_invstd2=shift * scale2, alpha=alpha,
-        coef=None if coef is None else torch.stack([coef, coef * scale2]), int_count=int_count,
-        zeros=torch.zeros_like(invstd),
+        weight=alpha / scale if fused else None, mean=center, invstd=scale, residual=shift,
+        r_invstd2=zeros if fallback is None else shift * scale2, alpha=alpha,
+        coef=None if coef is None else torch.stack([coef, coef * scale2]), int_count=int_count, zeros=zeros,
     )
 
     def all_reduce(sums: Tensor) -> Tensor:
         # backward_gradients' sums are about this rank's centers and scales, [sum dz - r s^2 S, S] with
         # S = sum dz (z - center - r); ranks may choose different channels to keep (ELU's tail is the
         # batch's, an empty rank has none), so they are summed as [sum dz, s S = sum dz xhat], the same
-        # quantities on every rank, and turned back into this rank's form.
-        sums[0].addcmul_(saved.r_invstd2, sums[1])
+        # quantities on every rank, and turned back into this rank's form (r = 0 without kept channels).
+        if fallback is not None:
+            sums[0].addcmul_(saved.r_invstd2, sums[1])
         sums[1].mul_(scale)
         _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
         sums[1].div_(scale)
-        sums[0].addcmul_(saved.r_invstd2, sums[1], value=-1)
+        if fallback is not None:
+            sums[0].addcmul_(saved.r_invstd2, sums[1], value=-1)
         return sums
 
     grad_x, grad_weight, grad_bias = _function.backward_gradients(
