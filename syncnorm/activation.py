@@ -221,6 +221,21 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         return grads
 
 
+def _native_backward_elemt_into(dy: Tensor, x: Tensor, saved: _backends.Saved, sums: Tensor) -> Tensor:
+    """``_backends.NATIVE``'s input gradient, the same ops, written into ``x`` (a ``z`` of our own, not needed after).
+
+    On a CPU a fresh activation-sized tensor costs about as much as a pass over it (page faults): this saves one.
+    """
+    assert saved.coef is not None
+    constant, slope = sums * saved.coef
+    grad = x.sub_(_kernels.per_channel(saved.mean, x))
+    _kernels.affine(grad, slope, constant, out=grad, zeros=saved.zeros)
+    return grad.addcmul_(dy, _kernels.per_channel(saved.alpha, x))
+
+
+_NATIVE_INTO = _backends.NATIVE._replace(backward_elemt=_native_backward_elemt_into)
+
+
 def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
     """z and dz from the output, then BatchNorm's backward of z (one all-reduce of the 2C sums)."""
     y, weight, bias, mean, residual, invstd, alpha, coef, int_count, fallback, kept = ctx.saved_tensors
@@ -265,8 +280,9 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
             sums[0].addcmul_(saved.r_invstd2, sums[1], value=-1)
         return sums
 
+    backend = _NATIVE_INTO if ctx.backend is _backends.NATIVE and z is not y else ctx.backend
     grad_x, grad_weight, grad_bias = _function.backward_gradients(
-        ctx.backend, z, saved, dz, ctx.needs_input_grad[:3], all_reduce
+        backend, z, saved, dz, ctx.needs_input_grad[:3], all_reduce
     )
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (None if grad_x is None else grad_x.to(ctx.input_dtype), _function._to(grad_weight, weight_dtype),
