@@ -154,7 +154,8 @@ def revert_model(module: nn.Module) -> nn.Module:
     values back. Like the conversion it works in place: the state, hooks and
     flags are untouched, and the result has nothing of syncnorm left, so it runs on one device and
     traces with ``torch.jit.trace`` and ``torch.export``. Subclasses of ``syncnorm.SyncBatchNorm``
-    written by users are left as they are.
+    written by users, and ``syncnorm.SyncBatchNormAct`` layers built as such, are left as they are;
+    layers that ``convert_model(fuse_activation=True)`` fused get their class and activation module back.
 
     Args:
         module: a model converted by ``convert_model`` (or holding ``syncnorm.SyncBatchNorm`` layers).
