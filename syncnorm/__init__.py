@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._errors import SyncNormError
 from ._validate import validation
+from .activation import SyncBatchNormAct
 from .batchnorm import SyncBatchNorm
 from .convert import convert_model, revert_model
 from .groups import new_sync_groups
@@ -12,6 +13,7 @@ from .precise import update_bn_stats
 
 __all__ = [
     "SyncBatchNorm",
+    "SyncBatchNormAct",
     "SyncNormError",
     "convert_model",
     "joinable",

@@ -32,6 +32,7 @@ checked before the subclass's code runs; and a subclass of ``torch.nn.SyncBatchN
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
@@ -43,6 +44,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
 from . import _comm, _shift, _validate
+from .activation import SyncBatchNormAct
 from .batchnorm import SyncBatchNorm, begin_forward, recomputing_forward, sync_batch_norm
 
 Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
@@ -51,13 +53,14 @@ Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Instance attributes a conversion may add; revert_model removes those the original lacked.
 _SYNC_ATTRS = ("process_group", "layer_name", "last_input_dim", "_syncnorm_original", "_syncnorm_kept",
-               "_syncnorm_replaced", _shift.ATTRIBUTE)
+               "_syncnorm_replaced", _shift.ATTRIBUTE, "activation", "negative_slope", "alpha", "_syncnorm_fused")
 _BY_INPUT_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
 
 def convert_model(
-    module: nn.Module, process_group: _comm.GroupOrMesh = None, *, exclude: Exclude = None
+    module: nn.Module, process_group: _comm.GroupOrMesh = None, *, exclude: Exclude = None,
+    fuse_activation: bool = False,
 ) -> nn.Module:
     """Make every ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` in ``module`` synchronised.
 
@@ -87,6 +90,15 @@ def convert_model(
             ``model.named_modules()``; a name excludes everything inside that module too) or a
             predicate ``(name, module) -> bool`` called for every module, True excluding it and
             everything inside it.
+        fuse_activation: also turn into ``syncnorm.SyncBatchNormAct``, which keeps only its output for
+            backward (the docs' memory guide), timm's ``BatchNormAct2d`` layers whose activation is
+            invertible (``torch.nn.LeakyReLU`` with a positive slope, ``torch.nn.ELU``, ``torch.nn.Identity``;
+            no drop layer, no hooks on the activation), and, inside a ``torch.nn.Sequential``, a
+            ``torch.nn.BatchNorm1d/2d/3d`` directly followed by a ``torch.nn.LeakyReLU`` or ``torch.nn.ELU``
+            (no forward or backward hooks on either; the activation's place then holds an identity). The
+            BatchNorm layer object stays the same; the activation modules are kept for ``revert_model``.
+            ``BatchNormAct2d`` layers with other activations (ReLU, SiLU: not invertible) are converted as
+            without it, and a warning names them.
 
     Returns:
         ``module`` itself, converted.
@@ -107,15 +119,31 @@ def convert_model(
     # On every rank, before anything changes: the group of an N-D DeviceMesh is created collectively.
     process_group = _comm.resolve_group(process_group, "syncnorm.convert_model")
     excluded: list[str] = []
-    for name, layer in module.named_modules():
+    not_fused: list[str] = []
+    # A list first: fusing a layer sets its activation child aside while the walk goes on.
+    for name, layer in list(module.named_modules()):
         if any(_inside(name, outer) for outer in excluded):
             continue
         if is_excluded(name, layer):
             excluded.append(name)
+        elif fuse_activation and isinstance(layer, nn.Sequential):
+            _fuse_sequential(layer, name, process_group, is_excluded)
         elif isinstance(layer, _BatchNorm) and not _is_synchronised(layer):
+            fusable = _fusable_activation(layer) if fuse_activation and _is_timm_batchnorm_act(layer) else None
+            if fusable is not None:
+                _fuse_layer(layer, process_group, name or type(layer).__name__, fusable)
+                continue
+            if fuse_activation and _is_timm_batchnorm_act(layer):
+                not_fused.append(f"{name or type(layer).__name__} ({type(layer._modules.get('act')).__name__})")
             _convert_layer(layer, process_group, name or type(layer).__name__)
         elif _is_synchronised(layer) and process_group is not None:
             layer.process_group = process_group
+    if not_fused:
+        warnings.warn(
+            f"convert_model(fuse_activation=True) left {len(not_fused)} BatchNormAct2d layers unfused (activation not "
+            f"invertible, or a drop layer or hooks; synchronised as without fusing): {', '.join(not_fused)}",
+            stacklevel=2,
+        )
     return module
 
 
@@ -130,7 +158,8 @@ def revert_model(module: nn.Module) -> nn.Module:
     values back. Like the conversion it works in place: the state, hooks and
     flags are untouched, and the result has nothing of syncnorm left, so it runs on one device and
     traces with ``torch.jit.trace`` and ``torch.export``. Subclasses of ``syncnorm.SyncBatchNorm``
-    written by users are left as they are.
+    written by users, and ``syncnorm.SyncBatchNormAct`` layers built as such, are left as they are;
+    layers that ``convert_model(fuse_activation=True)`` fused get their class and activation module back.
 
     Args:
         module: a model converted by ``convert_model`` (or holding ``syncnorm.SyncBatchNorm`` layers).
@@ -142,8 +171,14 @@ def revert_model(module: nn.Module) -> nn.Module:
         >>> model = syncnorm.revert_model(model).eval()
         >>> torch.export.export(model, (torch.randn(1, 3, 224, 224),))
     """
-    for layer in module.modules():
+    for layer in list(module.modules()):
+        for key, child in layer._modules.items():
+            if type(child) is _FusedActivation:  # an existing key gets its module back: the dict keeps its size
+                layer._modules[key] = child.__dict__["_syncnorm_activation"]
         if type(layer) is SyncBatchNorm or getattr(type(layer), "_syncnorm_generated", False):
+            _revert_layer(layer)
+        elif type(layer) is SyncBatchNormAct and "_syncnorm_fused" in layer.__dict__:
+            layer._modules.update(layer.__dict__["_syncnorm_fused"])  # the activation (and drop) modules back
             _revert_layer(layer)
     return module
 
@@ -176,7 +211,61 @@ def _inside(name: str, outer: str) -> bool:
 
 
 def _is_synchronised(layer: nn.Module) -> bool:
-    return isinstance(layer, SyncBatchNorm) or getattr(type(layer), "_syncnorm_generated", False)
+    return isinstance(layer, (SyncBatchNorm, SyncBatchNormAct)) or getattr(type(layer), "_syncnorm_generated", False)
+
+
+def _is_timm_batchnorm_act(layer: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d`` itself (its forward is batch_norm -> ``drop`` -> ``act``), not a subclass."""
+    cls = type(layer)
+    return cls.__name__ == "BatchNormAct2d" and cls.__module__.split(".")[0] == "timm"
+
+
+def _fusable_activation(layer: nn.Module) -> Optional[dict[str, Any]]:
+    """``SyncBatchNormAct``'s activation arguments for a timm ``BatchNormAct2d``, or None when it cannot be fused.
+
+    Fused only when nothing but the activation runs after the normalisation and nothing watches it: no drop
+    layer, no other child module, no hooks on the activation (the fused layer would skip them).
+    """
+    children = layer._modules
+    act, drop = children.get("act"), children.get("drop")
+    if set(children) - {"act", "drop"} or (drop is not None and type(drop) is not nn.Identity) or act is None:
+        return None
+    return _activation_arguments(act)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a hook watches ``module``'s output or gradients (a fused layer would change what it sees)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _activation_arguments(act: nn.Module) -> Optional[dict[str, Any]]:
+    """``SyncBatchNormAct``'s arguments for an activation module, or None when it is not invertible or hooked."""
+    if _hooked(act):
+        return None
+    if type(act) is nn.LeakyReLU and act.negative_slope > 0:
+        return {"activation": "leaky_relu", "negative_slope": float(act.negative_slope), "alpha": 1.0}
+    if type(act) is nn.ELU and act.alpha > 0:
+        return {"activation": "elu", "negative_slope": 0.01, "alpha": float(act.alpha)}
+    if type(act) is nn.Identity:
+        return {"activation": "identity", "negative_slope": 0.01, "alpha": 1.0}
+    return None
+
+
+def _fuse_layer(layer: _BatchNorm, process_group: Optional[_comm.ProcessGroup], name: str,
+                activation: dict[str, Any]) -> None:
+    """Make ``layer`` a ``SyncBatchNormAct`` in place; its activation and drop modules wait for ``revert_model``."""
+    state = vars(layer)
+    kept = tuple(attr for attr in _SYNC_ATTRS if attr in state)
+    state["_syncnorm_replaced"] = {attr: state[attr] for attr in kept}
+    state["_syncnorm_kept"] = kept
+    state["_syncnorm_original"] = type(layer)
+    state["_syncnorm_fused"] = {child: layer._modules.pop(child) for child in list(layer._modules)}
+    if process_group is not None or "process_group" not in state:  # torch's SyncBatchNorm keeps its own group
+        state["process_group"] = process_group
+    state["layer_name"] = name
+    state.update(activation)
+    layer.__class__ = SyncBatchNormAct
 
 
 def _convert_layer(layer: _BatchNorm, process_group: Optional[_comm.ProcessGroup], name: str) -> None:
@@ -202,6 +291,38 @@ def _convert_layer(layer: _BatchNorm, process_group: Optional[_comm.ProcessGroup
         layer.__class__ = SyncBatchNorm
     else:
         layer.__class__ = _synchronised_class(original)
+
+
+class _FusedActivation(nn.Identity):
+    """The place of an activation that ``convert_model(fuse_activation=True)`` fused into the BatchNorm before it.
+
+    The activation module itself waits here (not as a child) for ``revert_model``, which puts it back.
+    """
+
+    def __init__(self, activation: nn.Module) -> None:
+        super().__init__()
+        self.__dict__["_syncnorm_activation"] = activation
+
+    def extra_repr(self) -> str:
+        return f"fused into the previous layer: {self.__dict__['_syncnorm_activation']}"
+
+
+def _fuse_sequential(sequence: nn.Sequential, prefix: str, process_group: Optional[_comm.ProcessGroup],
+                     is_excluded: Callable[[str, nn.Module], bool]) -> None:
+    """Fuse every BatchNorm -> invertible activation pair of ``sequence``'s children (the output flows nowhere else)."""
+    keys = list(sequence._modules)
+    for first, second in zip(keys, keys[1:]):
+        norm, act = sequence._modules[first], sequence._modules[second]
+        if not isinstance(norm, _BatchNorm) or act is None or type(norm) not in _PLAIN or _hooked(norm):
+            continue
+        if isinstance(norm, LazyModuleMixin) and norm.has_uninitialized_params():
+            continue  # left to the usual conversion, which says what to do
+        arguments = _activation_arguments(act)
+        names = [f"{prefix}.{key}" if prefix else key for key in (first, second)]
+        if arguments is None or is_excluded(names[0], norm) or is_excluded(names[1], act):
+            continue
+        _fuse_layer(norm, process_group, names[0], arguments)
+        sequence._modules[second] = _FusedActivation(act)
 
 
 def _revert_layer(layer: nn.Module) -> None:
