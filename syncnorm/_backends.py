@@ -52,7 +52,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import _cpu, _kernels, _stats, _triton
+from . import _kernels, _stats, _triton
 
 ENVIRONMENT_VARIABLE = "SYNCNORM_KERNELS"
 _CHOICES = ("auto", "native", "fused")
@@ -93,21 +93,7 @@ class Backend(NamedTuple):
 def _native_pack(local: _stats.LocalMoments, shifts: Optional[Tensor]) -> Tensor:
     if _triton.usable(local.shift.device):
         return _triton.pack_moments(local, shifts)
-    return _pack_sums(local, shifts)
-
-
-def _pack_sums(local: _stats.LocalMoments, shifts: Optional[Tensor]) -> Tensor:
-    """``_stats.pack_moments``; in numpy for an eager CPU step (``_cpu``)."""
-    if eager_cpu(local.shift, local.sum_dev, local.sum_sq_dev):
-        return _cpu.pack_moments(local, shifts)
     return _stats.pack_moments(local, shifts)
-
-
-def eager_cpu(*tensors: Optional[Tensor]) -> bool:
-    """Whether the per-channel work runs as numpy operations (``_cpu``): eager, CPU tensors numpy can view, and no
-    Triton (which runs on CPU tensors only under TRITON_INTERPRET=1, where it stands for a GPU's kernels)."""
-    return (_cpu.usable(*tensors) and not torch.compiler.is_compiling()
-            and not _triton.usable(torch.device("cpu")))
 
 
 def _native_normalize(x: Tensor, local: _stats.LocalMoments, stats: _stats.PerChannel,
@@ -157,7 +143,7 @@ def _fused_pack(local: _stats.LocalMoments, shifts: Optional[Tensor]) -> Tensor:
     if local.welford:
         return _triton.pack_welford_moments(local.shift, local.sum_dev, local.sum_sq_dev, local.num_values, shifts,
                                             _TINY_EPS)
-    return _pack_sums(local, shifts)
+    return _stats.pack_moments(local, shifts)
 
 
 def _fused_normalize(x: Tensor, local: _stats.LocalMoments, stats: _stats.PerChannel,
@@ -201,17 +187,14 @@ def finish_statistics(
     ``next_shifts``: where the next candidates go (None: nowhere); ``guard_empty``: the global count may be
     zero and cannot be read on the host (CUDA graph capture): the running statistics keep their values
     then (the Triton kernel always guards; the candidates keep theirs anyway, the mean being NaN). One
-    Triton kernel where it runs, numpy operations for an eager CPU step (``_cpu``), else ``_stats``'
-    aten ops (``triton`` False: always aten, e.g. while dynamo traces).
+    Triton kernel where it runs (``triton`` False: always aten, e.g. while dynamo traces), else
+    ``_stats``' aten ops.
     """
     native = backend is NATIVE
     about = local.shift if native else None
     if triton and _triton.usable(summed.device):
         return _triton.finish_statistics(summed, shifts, about, weight, bias, eps, dtype, running_mean, running_var,
                                          momentum, next_shifts, local.shift.numel())
-    if triton and eager_cpu(summed, weight, bias, about):
-        return _cpu.finish_statistics(summed, shifts, about, weight, bias, eps, dtype, running_mean, running_var,
-                                      momentum, next_shifts, guard_empty, int_count=not native)
     stats = _stats.finish_statistics(summed, shifts, about, weight, bias, eps, dtype,
                                      coefficients=native, int_count=not native, next_shifts=next_shifts)
     if running_mean is not None and running_var is not None:

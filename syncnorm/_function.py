@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import _backends, _comm, _cpu, _kernels, _shift, _stats
+from . import _backends, _comm, _kernels, _shift, _stats
 from ._errors import SyncNormError
 
 
@@ -151,12 +151,9 @@ def backward_gradients(
         sum_dy, sum_dy_xmu = torch.zeros(2, mean.numel(), dtype=mean.dtype, device=mean.device)
     else:
         sum_dy, sum_dy_xmu = backend.backward_reduce(dy, x, saved)
-    if _backends.eager_cpu(sum_dy, sum_dy_xmu, saved.residual, saved.r_invstd2):
-        sums = _cpu.backward_sums(sum_dy, sum_dy_xmu, saved.residual, saved.r_invstd2)
-    else:
-        sums = torch.empty(2, mean.numel(), dtype=mean.dtype, device=mean.device)
-        torch.addcmul(sum_dy_xmu, saved.residual, sum_dy, value=-1, out=sums[1])
-        torch.addcmul(sum_dy, saved.r_invstd2, sums[1], value=-1, out=sums[0])
+    sums = torch.empty(2, mean.numel(), dtype=mean.dtype, device=mean.device)
+    torch.addcmul(sum_dy_xmu, saved.residual, sum_dy, value=-1, out=sums[1])
+    torch.addcmul(sum_dy, saved.r_invstd2, sums[1], value=-1, out=sums[0])
     grad_weight = None
     if weight_needs_grad:  # this rank's share, before the all-reduce; zero without local values
         grad_weight = sums[1] * saved.invstd if x.numel() else torch.zeros_like(saved.invstd)

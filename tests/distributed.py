@@ -185,17 +185,13 @@ def _close_pools() -> None:
 
 # A test's kernel setting: SYNCNORM_KERNELS, and whether the per-channel Triton kernels run (their
 # interpreter on CPU tensors, TRITON_INTERPRET=1, as the kernels run on a GPU). "fused" runs what a GPU
-# runs: torch's fused kernels (CPU stand-ins) and the Triton epilogues; "native" what a CPU runs: aten
-# per-element kernels and numpy per-channel work (syncnorm/_cpu.py). The "-aten" settings also turn the
-# numpy path off, so the per-channel work runs as aten ops, as on a GPU without Triton.
+# runs: torch's fused kernels (CPU stand-ins) and the Triton epilogues; "native" what a CPU runs: aten only.
 KERNEL_SETTINGS = {
     "native": ("native", None),
     "fused": ("fused", "1"),
     "native-triton": ("native", "1"),
     "fused-aten": ("fused", None),
-    "native-aten": ("native", None),
 }
-_ATEN_ONLY = ("fused-aten", "native-aten")
 
 
 @contextlib.contextmanager
@@ -204,8 +200,6 @@ def use_kernels(kernels: Optional[str]) -> Iterator[None]:
     if kernels is None:
         yield
         return
-    from syncnorm import _cpu
-
     setting = dict(zip(("SYNCNORM_KERNELS", "TRITON_INTERPRET"), KERNEL_SETTINGS[kernels]))
     previous = {name: os.environ.get(name) for name in setting}
     for name, value in setting.items():
@@ -213,13 +207,9 @@ def use_kernels(kernels: Optional[str]) -> Iterator[None]:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-    usable = _cpu.usable
-    if kernels in _ATEN_ONLY:
-        _cpu.usable = lambda *tensors: False  # type: ignore[assignment]
     try:
         yield
     finally:
-        _cpu.usable = usable
         for name, value in previous.items():
             if value is None:
                 os.environ.pop(name, None)

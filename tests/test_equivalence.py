@@ -207,7 +207,7 @@ OTHER_SETTINGS_CASES = {
 }
 
 
-@pytest.mark.parametrize("kernels", ["native-triton", "fused-aten", "native-aten"])
+@pytest.mark.parametrize("kernels", ["native-triton", "fused-aten"])
 @pytest.mark.parametrize("case", list(OTHER_SETTINGS_CASES))
 def test_other_kernel_settings_match_single_process_batchnorm(case: str, kernels: str) -> None:
     shape, sizes, options = OTHER_SETTINGS_CASES[case]
