@@ -15,6 +15,9 @@ Paths (columns):
 
 - ``local``: ``torch.nn.BatchNorm1d/2d/3d``; a second local layer gives the A/A column (noise);
 - ``native``: syncnorm with ``SYNCNORM_KERNELS=native``, as it runs on CPU (aten ops);
+- ``native floor``: the native path's per-element aten kernels and its two all-reduces in a bare
+  autograd.Function, with no per-channel arithmetic, checks or bookkeeping (``NativeFloor``): what any
+  layer built from those kernels pays, so the gap to ``native`` is what syncnorm adds on the host;
 - ``GPU path``: syncnorm with ``SYNCNORM_KERNELS=fused`` and the Triton per-channel kernels, what a
   GPU runs, with every kernel body replaced by a no-op that returns outputs of the right shape and
   dtype: CPU stand-ins for torch's CUDA-only fused kernels (``batch_norm_stats``, ``batch_norm_elemt``,
@@ -76,8 +79,9 @@ SHAPES: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
     "(2, 16, 8) float32": ((2, 16, 8), torch.float32),
     "(1, 8, 2, 4, 4) float32": ((1, 8, 2, 4, 4), torch.float32),
 }
-PATHS = ("local", "local A/A", "native", "gpu")
+PATHS = ("local", "local A/A", "native", "floor", "gpu")
 TITLES = {"local": "local BatchNorm", "local A/A": "local A/A", "native": "syncnorm native (CPU)",
+          "floor": "native floor (its per-element kernels + its 2 all-reduces, nothing else)",
           "gpu": "syncnorm GPU path (fused + Triton, kernels stubbed)"}
 _SYNCS = ("_local_scalar_dense", "item", "nonzero", "masked_select", "equal", "is_nonzero")
 
@@ -201,7 +205,54 @@ def make_layer(path: str, shape: tuple[int, ...]) -> nn.Module:
     if path.startswith("local"):
         local = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[len(shape)]
         return local(channels)
+    if path == "floor":
+        return NativeFloor(channels)
     return syncnorm.SyncBatchNorm(channels)
+
+
+class NativeFloor(nn.Module):
+    """What any layer built from the native path's kernels pays: its per-element aten kernels (a sum, ``x - c``,
+    the reduction, the normalisation; backward: the reduction, ``x - m``, the affine pass, the ``dy`` term) and
+    its two all-reduces of the same sizes, in a bare autograd.Function, with NO per-channel arithmetic (the
+    statistics are not even right), no checks and no bookkeeping. The gap between it and syncnorm native is
+    the per-channel work and the Python around it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output: torch.Tensor = _FloorFunction.apply(x, self.weight, self.bias)
+        return output
+
+
+class _FloorFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x32 = x.float() if x.dtype != torch.float32 else x
+        dims = [0, *range(2, x.dim())]
+        c = x32.mean(dims)
+        view = c.view(1, -1, *([1] * (x.dim() - 2)))
+        deviations = torch.sub(x32, view)
+        zeros = torch.zeros_like(c)
+        torch.ops.aten.native_batch_norm_backward(deviations, deviations, None, zeros, zeros, None, None, False, 1.0,
+                                                  [False, True, True])
+        dist.all_reduce(torch.empty(1 + 4 * c.numel(), dtype=torch.float64))
+        out = torch.ops.aten.native_batch_norm(deviations, weight, bias, zeros, zeros, False, 0.0, 1.0)[0]
+        ctx.save_for_backward(x32, c, weight, zeros)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x32, c, weight, zeros = ctx.saved_tensors
+        _, sum_dy_xmu, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy.float(), x32, None, c, zeros, None, None, False, 1.0, [False, True, True])
+        sums = torch.stack([sum_dy, sum_dy_xmu])
+        dist.all_reduce(sums)
+        grad = torch.sub(x32, c.view(1, -1, *([1] * (x32.dim() - 2))))
+        grad.addcmul_(dy, weight.view(1, -1, *([1] * (x32.dim() - 2))))
+        return grad.to(dy.dtype), sum_dy_xmu, sum_dy
 
 
 def make_step(layer: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[], None]:
@@ -309,12 +360,12 @@ def versions() -> str:
 def print_tables(results: dict[str, dict[str, tuple[float, float]]], checks: dict[str, dict[str, dict[str, int]]],
                  args: argparse.Namespace) -> None:
     print("| shape (per rank) | local BatchNorm | syncnorm native (CPU) | ratio | GPU path (fused + Triton, "
-          "kernels stubbed) | ratio | local A/A ratio (noise) |")
-    print("|---|---|---|---|---|---|---|")
+          "kernels stubbed) | ratio | native floor | ratio | local A/A ratio (noise) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for shape, row in results.items():
         gpu = f"{row['gpu'][0]:.0f} us | {row['gpu'][1]:.2f}x" if "gpu" in row else "n/a | n/a"
         print(f"| {shape} | {row['local'][0]:.0f} us | {row['native'][0]:.0f} us | {row['native'][1]:.2f}x | {gpu} | "
-              f"{row['local A/A'][1]:.2f}x |")
+              f"{row['floor'][0]:.0f} us | {row['floor'][1]:.2f}x | {row['local A/A'][1]:.2f}x |")
     clock = "wall time" if args.clock == "wall" else "CPU time of the thread"
     print(f"\nHost time ({clock}) per training step of one layer (forward + backward), median of {args.rounds} "
           f"alternating rounds of {args.steps} steps; ratios are medians of per-round ratios to local BatchNorm. "
@@ -398,7 +449,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             shape, dtype = SHAPES[shape_name]
             steps = {path: make_step(make_layer(path, shape), shape, dtype) for path in paths}
             checks[shape_name] = {path: check(path, steps[path], launches) for path in paths
-                                  if not path.startswith("local")}
+                                  if path in ("native", "gpu")}
             clock = time.thread_time if args.clock == "cpu" else time.perf_counter
             results[shape_name] = summarise(time_rounds(steps, launches, args.rounds, args.steps, args.warmup, clock))
         print_tables(results, checks, args)

@@ -45,9 +45,10 @@ def _rows(output: str, first_cell: str) -> list[list[str]]:
 
 def test_quick_run_prints_a_timing_row_for_every_shape_and_the_command(quick_output: str) -> None:
     header = "| shape (per rank) | local BatchNorm | syncnorm native (CPU) | ratio | GPU path"
+    assert "| native floor | ratio |" in quick_output
     assert header in quick_output
     for shape in bench_host.SHAPES:
-        rows = [row for row in _rows(quick_output, shape) if len(row) == 7]
+        rows = [row for row in _rows(quick_output, shape) if len(row) == 9]
         assert len(rows) == 1, f"no timing row for {shape}:\n{quick_output}"
         assert rows[0][1].endswith(" us") and rows[0][2].endswith(" us") and rows[0][3].endswith("x"), rows[0]
     assert "Command: `PYTHONPATH=. python benchmarks/bench_host.py --quick`" in quick_output
