@@ -31,6 +31,7 @@ The kernels only read the candidates and write the next ones (``_stats.finish_st
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -43,17 +44,28 @@ CANDIDATES = 2  # rows of MergeShift.shifts
 class MergeShift:
     """A layer's candidate shifts for the float64 merge (``shifts`` None: unknown) and the group they belong to."""
 
-    __slots__ = ("shifts", "group")
+    __slots__ = ("shifts", "_group")
 
     def __init__(self) -> None:
         self.shifts: Optional[Tensor] = None  # float64 (CANDIDATES, C), identical on every rank of ``group``
-        self.group: Any = None
+        # A weak reference: a layer must not keep a destroyed process group (and its threads) alive until the
+        # interpreter's exit, where tearing down Gloo's threads aborted the process ("terminate called").
+        self._group: Optional[weakref.ref[Any]] = None
+
+    @property
+    def group(self) -> Any:
+        """The group the candidates were formed over (None: none, or it no longer exists)."""
+        return None if self._group is None else self._group()
+
+    @group.setter
+    def group(self, group: Any) -> None:
+        self._group = None if group is None else weakref.ref(group)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> MergeShift:
         # deepcopy (EMA copies, model snapshots) copies the candidates; the group is shared, never copied.
         new = MergeShift()
         new.shifts = None if self.shifts is None else copy.deepcopy(self.shifts, memo)
-        new.group = self.group
+        new._group = self._group
         return new
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:

@@ -168,10 +168,17 @@ def _format_errors(outcomes: dict[int, tuple[bool, Any]]) -> str:
 _POOLS: dict[int, RankPool] = {}
 
 
-def run_on_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = TASK_TIMEOUT_S) -> list[Any]:
-    """Run ``fn(*args)`` on every rank of a Gloo world of ``world_size`` processes; per-rank results."""
+def run_on_ranks(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = TASK_TIMEOUT_S,
+                 fresh: bool = False) -> list[Any]:
+    """Run ``fn(*args)`` on every rank of a Gloo world of ``world_size`` processes; per-rank results.
+
+    ``fresh``: in new processes (the pool of that size is replaced), e.g. to measure memory without what
+    hundreds of earlier tests left in the processes' allocators.
+    """
     pool = _POOLS.get(world_size)
-    if pool is None or pool.broken:
+    if fresh and pool is not None and not pool.broken:
+        pool.close()
+    if pool is None or pool.broken or fresh:
         pool = _POOLS[world_size] = RankPool(world_size)
     return pool.run(fn, *args, timeout=timeout)
 
