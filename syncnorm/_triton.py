@@ -1,13 +1,13 @@
 """The per-channel prologue and epilogue of a training step as one Triton kernel each.
 
 Between the heavy kernels (local statistics, normalisation) a step does ~25 small per-channel
-operations: pack the local moments about the common shift into the float64 buffer, and after the
-all-reduce turn the summed buffer into the mean, invstd, the normalisation and backward
-coefficients, the running statistics and the next common shift (``_stats.pack_moments`` and
-``_stats.finish_statistics`` with aten ops: one launch each on a GPU). Here each side is ONE kernel,
-wrapped as a ``torch.library`` custom op (``syncnorm::pack_moments``, ``syncnorm::pack_welford_moments``,
-``syncnorm::finish_statistics``) so that it is dispatched once: visible to op counts and to
-TorchDispatchMode, with a fake implementation for tracing.
+operations: pack the local moments about the layer's candidate shifts (``_shift``) into the float64
+buffer, and after the all-reduce turn the summed buffer into the mean, invstd, the normalisation and
+backward coefficients, the running statistics and the next candidates (``_stats.pack_moments`` and
+``_stats.finish_statistics`` with aten ops: one launch each on a GPU). Here each side is ONE kernel.
+An eager step launches it directly; torch.compile traces it as a ``torch.library`` custom op
+(``syncnorm::pack_moments``, ``syncnorm::pack_welford_moments``, ``syncnorm::finish_statistics``), with a
+fake implementation.
 
 Where they run: CUDA tensors when Triton is installed (it ships with torch's CUDA builds), and CPU
 tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter; the tests use it to run these kernels

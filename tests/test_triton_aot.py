@@ -165,7 +165,8 @@ def drive_every_setting(samples: int, empty_samples: int) -> None:
     to and from those dtypes), and every combination of the layer's options in float32 (a flag that is off
     removes code, so its dtypes do not matter); the smallest and the largest block; momentum 0. Each on a
     rank with samples and, for every dtype pair, on a rank without; and a global batch without samples.
-    Two steps a layer: the second merges about the common shift the first one left.
+    Two steps a layer: the first (unknown merge cache) packs about zero and about the global mean (one
+    candidate), the second about the two cached candidates.
     """
     generator = torch.Generator().manual_seed(0)
     all_on: dict[str, Any] = dict(affine=True, track_running_stats=True, momentum=0.1)
