@@ -79,10 +79,11 @@ SHAPES: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
     "(2, 16, 8) float32": ((2, 16, 8), torch.float32),
     "(1, 8, 2, 4, 4) float32": ((1, 8, 2, 4, 4), torch.float32),
 }
-PATHS = ("local", "local A/A", "native", "floor", "gpu")
+PATHS = ("local", "local A/A", "native", "floor", "gpu", "gpu floor")
 TITLES = {"local": "local BatchNorm", "local A/A": "local A/A", "native": "syncnorm native (CPU)",
           "floor": "native floor (its per-element kernels + its 2 all-reduces, nothing else)",
-          "gpu": "syncnorm GPU path (fused + Triton, kernels stubbed)"}
+          "gpu": "syncnorm GPU path (fused + Triton, kernels stubbed)",
+          "gpu floor": "GPU floor (its fused-op calls, Triton launches and 2 all-reduces, nothing else)"}
 _SYNCS = ("_local_scalar_dense", "item", "nonzero", "masked_select", "equal", "is_nonzero")
 
 
@@ -189,7 +190,7 @@ def path_context(path: str, launches: TritonLaunches) -> contextlib.AbstractCont
     """The kernel setting of ``path`` (syncnorm reads SYNCNORM_KERNELS and TRITON_INTERPRET per call)."""
     if path == "native":
         return environment(SYNCNORM_KERNELS="native", TRITON_INTERPRET=None)
-    if path == "gpu":
+    if path in ("gpu", "gpu floor"):
         stack = contextlib.ExitStack()
         stack.enter_context(environment(SYNCNORM_KERNELS="fused", TRITON_INTERPRET="1"))
         stack.enter_context(launches.stubbed())
@@ -207,6 +208,8 @@ def make_layer(path: str, shape: tuple[int, ...]) -> nn.Module:
         return local(channels)
     if path == "floor":
         return NativeFloor(channels)
+    if path == "gpu floor":
+        return GpuFloor(channels)
     return syncnorm.SyncBatchNorm(channels)
 
 
@@ -253,6 +256,46 @@ class _FloorFunction(torch.autograd.Function):
         grad = torch.sub(x32, c.view(1, -1, *([1] * (x32.dim() - 2))))
         grad.addcmul_(dy, weight.view(1, -1, *([1] * (x32.dim() - 2))))
         return grad.to(dy.dtype), sum_dy_xmu, sum_dy
+
+
+class GpuFloor(NativeFloor):
+    """What any layer built from the GPU path's kernels pays: the same fused-op calls (stubbed as in the GPU path:
+    ``batch_norm_stats``, ``batch_norm_backward_reduce`` for the moment, ``batch_norm_elemt``; backward:
+    ``batch_norm_backward_reduce``, ``batch_norm_backward_elemt``), its two Triton launches (pack, finish; stubbed)
+    and its two all-reduces of the same sizes, in a bare autograd.Function with NO per-channel arithmetic, checks or
+    bookkeeping. The gap between it and the GPU path is what syncnorm adds on the host of a GPU step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output: torch.Tensor = _GpuFloorFunction.apply(x, self.weight, self.bias)
+        return output
+
+
+class _GpuFloorFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        from syncnorm import _triton
+
+        channels = x.shape[1]
+        mean, invstd = torch.batch_norm_stats(x, 1e-30)
+        torch.batch_norm_backward_reduce(x, x, mean, invstd, None, True, False, False)
+        packed = torch.empty(1 + 4 * channels, dtype=torch.float64)
+        _triton._launch(0, channels, mean, invstd, packed)
+        dist.all_reduce(packed)
+        block = packed.new_empty(8, channels, dtype=torch.float32)
+        count = packed.new_empty(1, dtype=torch.int32)
+        _triton._launch(1, channels, packed, block, count)
+        ctx.save_for_backward(x, weight, block, count)
+        return torch.batch_norm_elemt(x, weight, bias, block[0], block[1], 0.0)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, weight, block, count = ctx.saved_tensors
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(dy, x, block[0], block[1], weight, True, False,
+                                                                     False)
+        sums = torch.empty(2, x.shape[1])
+        dist.all_reduce(sums)
+        grad = torch.batch_norm_backward_elemt(dy, x, block[0], block[1], weight, sums[0], sums[1], count)
+        return grad, sum_dy_xmu, sum_dy
 
 
 def make_step(layer: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> Callable[[], None]:
@@ -359,13 +402,14 @@ def versions() -> str:
 
 def print_tables(results: dict[str, dict[str, tuple[float, float]]], checks: dict[str, dict[str, dict[str, int]]],
                  args: argparse.Namespace) -> None:
-    print("| shape (per rank) | local BatchNorm | syncnorm native (CPU) | ratio | GPU path (fused + Triton, "
-          "kernels stubbed) | ratio | native floor | ratio | local A/A ratio (noise) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape (per rank) | local BatchNorm | syncnorm native (CPU) | ratio | native floor | ratio | GPU path "
+          "(fused + Triton, kernels stubbed) | ratio | GPU floor | ratio | local A/A ratio (noise) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for shape, row in results.items():
-        gpu = f"{row['gpu'][0]:.0f} us | {row['gpu'][1]:.2f}x" if "gpu" in row else "n/a | n/a"
-        print(f"| {shape} | {row['local'][0]:.0f} us | {row['native'][0]:.0f} us | {row['native'][1]:.2f}x | {gpu} | "
-              f"{row['floor'][0]:.0f} us | {row['floor'][1]:.2f}x | {row['local A/A'][1]:.2f}x |")
+        gpu = " | ".join(f"{row[p][0]:.0f} us | {row[p][1]:.2f}x" if p in row else "n/a | n/a"
+                         for p in ("gpu", "gpu floor"))
+        print(f"| {shape} | {row['local'][0]:.0f} us | {row['native'][0]:.0f} us | {row['native'][1]:.2f}x | "
+              f"{row['floor'][0]:.0f} us | {row['floor'][1]:.2f}x | {gpu} | {row['local A/A'][1]:.2f}x |")
     clock = "wall time" if args.clock == "wall" else "CPU time of the thread"
     print(f"\nHost time ({clock}) per training step of one layer (forward + backward), median of {args.rounds} "
           f"alternating rounds of {args.steps} steps; ratios are medians of per-round ratios to local BatchNorm. "
@@ -420,7 +464,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall time, or this thread's CPU time (less sensitive to other load on the machine)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 3 rounds of 5 steps")
-    parser.add_argument("--profile", choices=("local", "native", "gpu"),
+    parser.add_argument("--profile", choices=("local", "native", "floor", "gpu", "gpu floor"),
                         help="print where this path's host time goes instead of the table")
     parser.add_argument("--profile-shape", default="(8, 256) float32", choices=list(SHAPES))
     parser.add_argument("--profile-steps", type=int, default=2000)
@@ -438,7 +482,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     stubs = register_stubs()
     launches = TritonLaunches()
-    paths = [p for p in PATHS if p != "gpu" or launches.available]
+    paths = [p for p in PATHS if not p.startswith("gpu") or launches.available]
     try:
         if args.profile:
             profile(args.profile, args.profile_shape, args.profile_steps, launches)

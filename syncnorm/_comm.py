@@ -41,12 +41,14 @@ def statistics_group(process_group: Optional[ProcessGroup], layer: str) -> Optio
     if not distributed_ready():
         return None
     group = process_group if process_group is not None else dist.group.WORLD
-    if dist.get_rank(group) < 0:
+    # The group's own methods (C++), not dist.get_rank/get_world_size (a few us of Python each, per layer step):
+    # a rank outside a group holds torch's NON_GROUP_MEMBER sentinel in its place, never a ProcessGroup.
+    if group is dist.GroupMember.NON_GROUP_MEMBER or group.rank() < 0:
         raise SyncNormError(
             f"{layer}: this process (global rank {dist.get_rank()}) is not a member of the layer's "
             "process_group; give each rank a group that contains it (see syncnorm.new_sync_groups)."
         )
-    if dist.get_world_size(group) == 1:
+    if group.size() == 1:
         return None
     return group
 

@@ -157,7 +157,7 @@ class SyncBatchNorm(_BatchNorm):
         validating = begin_forward(self, input, self._describe())
         # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
         # (Not while compiling: dynamo rejects an attribute write inside a checkpointed region.)
-        if not _compiling():
+        if not _compiling() and self.last_input_dim != input.dim():  # written once (Module.__setattr__ is slow)
             self.last_input_dim = input.dim()
         group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
         return self._normalize(input, group, validating)
@@ -275,8 +275,12 @@ _run_eagerly: Callable[..., Tensor] = getattr(torch, "_disable_dynamo", lambda f
 
 def _compiling() -> bool:
     """Whether dynamo is tracing this code (torch.compile)."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
-    return bool(is_compiling())
+    return bool(_is_compiling())
+
+
+# torch.compiler.is_compiling (torch >= 2.3), looked up once; older torch: dynamo's, imported at the first call.
+_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or (
+    lambda: bool(torch._dynamo.is_compiling()))
 
 
 def _inside_backward() -> bool:

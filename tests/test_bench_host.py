@@ -44,11 +44,11 @@ def _rows(output: str, first_cell: str) -> list[list[str]]:
 
 
 def test_quick_run_prints_a_timing_row_for_every_shape_and_the_command(quick_output: str) -> None:
-    header = "| shape (per rank) | local BatchNorm | syncnorm native (CPU) | ratio | GPU path"
-    assert "| native floor | ratio |" in quick_output
+    header = ("| shape (per rank) | local BatchNorm | syncnorm native (CPU) | ratio | native floor | ratio | GPU path "
+              "(fused + Triton, kernels stubbed) | ratio | GPU floor | ratio |")
     assert header in quick_output
     for shape in bench_host.SHAPES:
-        rows = [row for row in _rows(quick_output, shape) if len(row) == 9]
+        rows = [row for row in _rows(quick_output, shape) if len(row) == 11]
         assert len(rows) == 1, f"no timing row for {shape}:\n{quick_output}"
         assert rows[0][1].endswith(" us") and rows[0][2].endswith(" us") and rows[0][3].endswith("x"), rows[0]
     assert "Command: `PYTHONPATH=. python benchmarks/bench_host.py --quick`" in quick_output
