@@ -40,7 +40,7 @@ def statistics_group(process_group: Optional[ProcessGroup], layer: str) -> Optio
     """
     if not distributed_ready():
         return None
-    group = process_group if process_group is not None else dist.group.WORLD
+    group: Any = process_group if process_group is not None else dist.group.WORLD
     # The group's own methods (C++), not dist.get_rank/get_world_size (a few us of Python each, per layer step):
     # a rank outside a group holds torch's NON_GROUP_MEMBER sentinel in its place, never a ProcessGroup.
     if group is dist.GroupMember.NON_GROUP_MEMBER or group.rank() < 0:
