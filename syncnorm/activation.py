@@ -27,7 +27,7 @@ so every channel's gradients are exact.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,13 @@ def _fallback_channels(y: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     return index if index.numel() else None
 
 
+def fallback_index(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: _Activation,
+                   dtype: torch.dtype) -> Tensor:
+    """``_fallback_channels`` as an index tensor, empty where nothing must be kept (the traced path's custom op)."""
+    index = _fallback_channels(y, weight, bias, activation, dtype)
+    return torch.empty(0, dtype=torch.long, device=y.device) if index is None else index
+
+
 class SyncBatchNormActFunction(torch.autograd.Function):
     """Training-mode ``activation(BatchNorm(x))`` over the batch of every rank of ``group``, keeping ``y``."""
 
@@ -178,7 +185,13 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         # The statistics exactly as SyncBatchNormFunction.forward computes them (see there for why).
         known = None if cache is None else cache.shifts
         local, summed, shifts = _function.merged_statistics(x, backend, known, all_reduce)
-        update = not (local_count <= 1 and _function.check_global_count(summed, x.size(), layer))
+        # While a CUDA graph is captured no host read may happen: as SyncBatchNormFunction, the device guards
+        # the global count, and the layer keeps its whole input instead of choosing channels (a nonzero).
+        capturing = _function.capturing(x.device)
+        guard_empty = local_count <= 1 and capturing
+        if guard_empty:
+            _function.assert_global_count_is_not_one(summed, x.size(), layer)
+        update = guard_empty or not (local_count <= 1 and _function.check_global_count(summed, x.size(), layer))
         track = update and running_mean is not None and running_var is not None
         next_shifts = None
         if cache is not None and update and update_cache:
@@ -187,6 +200,7 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         stats = _backends.finish_statistics(
             backend, summed, local, shifts, weight, bias, eps, stats_dtype,
             running_mean if track else None, running_var if track else None, momentum, next_shifts,
+            guard_empty=guard_empty,
         )
         if cache is not None and known is None and next_shifts is not None:
             cache.shifts = next_shifts
@@ -198,17 +212,16 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         ctx.activation = activation
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.input_dtype = x.dtype
-        fallback = None
+        fallback = kept = None
         # Nothing to keep for a forward without backward (needs_input_grad is True under no_grad too). An empty
         # rank chooses too: its backward's per-channel factors must stay finite (a zero weight).
         if grad_enabled and any(ctx.needs_input_grad[:3]):
-            fallback = _fallback_channels(y, weight, bias, activation, stats_dtype)
-        kept = None if fallback is None else x.index_select(1, fallback)
-        ctx.save_for_backward(
-            y, None if weight is None else weight.detach().to(stats_dtype),
-            None if bias is None else bias.detach().to(stats_dtype), stats.mean, stats.residual, stats.invstd,
-            stats.alpha, None if stats.coef is None else stats.coef[0], stats.int_count, fallback, kept,
-        )
+            if capturing:  # the whole input, no choice (static shapes, no host sync): exact, saves no memory
+                kept = x
+            else:
+                fallback = _fallback_channels(y, weight, bias, activation, stats_dtype)
+                kept = None if fallback is None else x.index_select(1, fallback)
+        ctx.save_for_backward(*saved_for_backward(y, weight, bias, stats, stats_dtype), fallback, kept)
         return y
 
     @staticmethod
@@ -236,57 +249,88 @@ def _native_backward_elemt_into(dy: Tensor, x: Tensor, saved: _backends.Saved, s
 _NATIVE_INTO = _backends.NATIVE._replace(backward_elemt=_native_backward_elemt_into)
 
 
+def saved_for_backward(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stats: _stats.PerChannel,
+                       dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
+    """The output and the per-channel values ``backward_gradients`` takes (before the kept channels)."""
+    return (y, None if weight is None else weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype),
+            stats.mean, stats.residual, stats.invstd, stats.alpha, None if stats.coef is None else stats.coef[0],
+            stats.int_count)
+
+
 def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
-    """z and dz from the output, then BatchNorm's backward of z (one all-reduce of the 2C sums)."""
-    y, weight, bias, mean, residual, invstd, alpha, coef, int_count, fallback, kept = ctx.saved_tensors
-    activation: _Activation = ctx.activation
+    """The synchronised backward of the eager Function (one all-reduce of the 2C sums)."""
+
+    def all_reduce(sums: Tensor) -> Tensor:
+        _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
+        return sums
+
+    grad_x, grad_weight, grad_bias = backward_gradients(
+        ctx.backend, ctx.activation, ctx.saved_tensors, grad_output, ctx.needs_input_grad[:3], all_reduce)
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    return (None if grad_x is None else grad_x.to(ctx.input_dtype), _function._to(grad_weight, weight_dtype),
+            _function._to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None, None, None)
+
+
+def backward_gradients(
+    backend: _backends.Backend, activation: _Activation, saved: tuple[Optional[Tensor], ...], grad_output: Tensor,
+    needs_grad: tuple[bool, bool, bool], all_reduce: Callable[[Tensor], Tensor],
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """z and dz from the output, then BatchNorm's backward of z (ONE ``all_reduce`` of the 2C sums).
+
+    ``saved``: ``saved_for_backward``'s values, then the kept channels' index and their input (both None:
+    nothing kept; an index None and an input: the whole input, kept while a CUDA graph was captured).
+    Shared by the eager Function and the traceable one (``_traceable``); ``all_reduce`` as in
+    ``_function.backward_gradients``.
+    """
+    y, weight, bias, mean, residual, invstd, alpha, coef, int_count, fallback, kept = saved
+    assert y is not None and mean is not None and residual is not None and invstd is not None and alpha is not None
     dtype = mean.dtype
     dz = _kernels.like_layout(activation.backward(grad_output, y, dtype), y)
-    z = activation.inverse(y, dtype, writable=fallback is not None)
+    whole = fallback is None and kept is not None
+    z = kept.to(dtype) if whole else activation.inverse(y, dtype, writable=fallback is not None)
     # BatchNorm's backward, written for an input z with per-channel "mean" bias and "invstd" 1 / weight: its
     # xhat is (z - bias) / weight, this layer's, so its gradients are this layer's (grad_weight = sum dz xhat,
     # grad_bias = sum dz, grad_x = alpha (dz - mean dz - xhat mean dz xhat), alpha = weight invstd). z - bias is
     # formed per element before any product (as x - mean is), so a large bias cancels no digits beyond z's own.
     zeros = torch.zeros_like(invstd)
-    center = zeros if bias is None else bias
-    scale = torch.ones_like(invstd) if weight is None else weight.reciprocal()
-    shift = zeros
+    if whole:  # SyncBatchNormFunction's backward on the input: mean m32 + residual, the batch's invstd
+        center, shift, scale = mean, residual, invstd
+    else:
+        center = zeros if bias is None else bias
+        scale = torch.ones_like(invstd) if weight is None else weight.reciprocal()
+        shift = zeros
     if fallback is not None:
         # Channels the inversion cannot serve run the ordinary BatchNorm backward on their kept input: mean
         # m32 + residual, invstd the batch's, as SyncBatchNormFunction's backward (exact whatever the weight).
+        assert kept is not None
         z.index_copy_(1, fallback, kept.to(dtype))
         center = center.index_copy(0, fallback, mean[fallback])
         shift = shift.index_copy(0, fallback, residual[fallback])
         scale.index_copy_(0, fallback, invstd[fallback])
     scale2 = scale * scale
-    fused = ctx.backend is _backends.FUSED
+    fused = backend is _backends.FUSED
     saved = _backends.Saved(
         weight=alpha / scale if fused else None, mean=center, invstd=scale, residual=shift,
-        r_invstd2=zeros if fallback is None else shift * scale2, alpha=alpha,
+        r_invstd2=zeros if kept is None else shift * scale2, alpha=alpha,
         coef=None if coef is None else torch.stack([coef, coef * scale2]), int_count=int_count, zeros=zeros,
     )
 
-    def all_reduce(sums: Tensor) -> Tensor:
-        # backward_gradients' sums are about this rank's centers and scales, [sum dz - r s^2 S, S] with
-        # S = sum dz (z - center - r); ranks may choose different channels to keep (ELU's tail is the
+    def reduce(sums: Tensor) -> Tensor:
+        # _function.backward_gradients' sums are about this rank's centers and scales, [sum dz - r s^2 S, S]
+        # with S = sum dz (z - center - r); ranks may choose different channels to keep (ELU's tail is the
         # batch's, an empty rank has none), so they are summed as [sum dz, s S = sum dz xhat], the same
         # quantities on every rank, and turned back into this rank's form (r = 0 without kept channels).
-        if fallback is not None:
+        if kept is not None:
             sums[0].addcmul_(saved.r_invstd2, sums[1])
         sums[1].mul_(scale)
-        _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
+        sums = all_reduce(sums)
         sums[1].div_(scale)
-        if fallback is not None:
+        if kept is not None:
             sums[0].addcmul_(saved.r_invstd2, sums[1], value=-1)
         return sums
 
-    backend = _NATIVE_INTO if ctx.backend is _backends.NATIVE and z is not y else ctx.backend
-    grad_x, grad_weight, grad_bias = _function.backward_gradients(
-        backend, z, saved, dz, ctx.needs_input_grad[:3], all_reduce
-    )
-    weight_dtype, bias_dtype = ctx.param_dtypes
-    return (None if grad_x is None else grad_x.to(ctx.input_dtype), _function._to(grad_weight, weight_dtype),
-            _function._to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None, None, None)
+    native_into = backend is _backends.NATIVE and z is not y and z is not kept  # z is ours to overwrite
+    return _function.backward_gradients(_NATIVE_INTO if native_into else backend, z, saved, dz, needs_grad, reduce)
 
 
 class SyncBatchNormAct(_BatchNorm):
