@@ -465,8 +465,9 @@ class SyncBatchNormAct(_BatchNorm):
             >>> layer(torch.randn(4, 3, 8, 8)).shape
             torch.Size([4, 3, 8, 8])
         """
-        if self.training and _compiling():
-            # The Function takes a process group (a graph break for dynamo, pytorch#129942): run it eagerly.
+        if self.training and _compiling() and _comm.distributed_ready() and _validate.enabled():
+            # As SyncBatchNorm: validation's all-gathers are not traceable, so in validation mode a training
+            # forward under torch.compile runs eagerly (one graph break). Otherwise it is traced whole.
             return _run_eagerly(self._forward, input)
         return self._forward(input)
 
@@ -479,19 +480,33 @@ class SyncBatchNormAct(_BatchNorm):
         recomputing = recomputing_forward()
         tracks = self.training and self.track_running_stats and self.num_batches_tracked is not None
         tracks = tracks and not recomputing
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked + 1) if tracks else 0.0  # type: ignore[operator]
-        else:
+        factor: float | Tensor = 0.0
+        if self.momentum is not None:
             factor = self.momentum
+        elif tracks and _compiling():  # the cumulative average's weight as a tensor: no host sync in the graph
+            factor = (self.num_batches_tracked + 1).double().reciprocal()  # type: ignore[operator, union-attr]
+        elif tracks:
+            factor = 1.0 / float(self.num_batches_tracked + 1)  # type: ignore[operator]
         uses_buffers = not self.training or (self.track_running_stats and not recomputing)
         running_mean = self.running_mean if uses_buffers else None
         running_var = self.running_var if uses_buffers else None
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if self.training and self.eps <= 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        if group is None or not self.training:
+        if self.training and _compiling() and (group is not None or isinstance(factor, Tensor)):
+            from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
+
+            shifts = None if group is None else _shift.known_shifts(self, group, input)
+            keep = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (input, self.weight, self.bias))
+            output = _traceable.sync_batch_norm_act(
+                input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
+                _traceable.group_name(group), shifts, description, self.activation, self.negative_slope, self.alpha,
+                keep,
+            )
+        elif group is None or not self.training:
             output = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
-                                  factor, self.eps)
+                                  factor, self.eps)  # type: ignore[arg-type]
             output = self._activation().forward_(output)
         else:
             _refuse_forward_ad(description, input, self.weight, self.bias)
