@@ -27,6 +27,7 @@ import subprocess
 import sys
 from typing import Any, Callable
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -590,11 +591,13 @@ class ReferenceBatchNormAct(nn.BatchNorm2d):
 
 
 def _act_model(synced: bool, activations: list[tuple[str, dict[str, Any]]]) -> nn.Module:
-    """conv -> BatchNorm + activation, once per activation, float64: SyncBatchNormAct layers or the oracle's."""
-    torch.manual_seed(0)
+    """BatchNorm + activation, once per activation in a row, float64: SyncBatchNormAct layers or the oracle's.
+
+    No convolutions between them: compilation time is what this file spends, and the layers' own inputs and
+    gradients are what is tested.
+    """
     layers: list[nn.Module] = []
-    for i, (name, kwargs) in enumerate(activations):
-        layers.append(nn.Conv2d(3, 4, 3) if i == 0 else nn.Conv2d(4, 4, 1))
+    for name, kwargs in activations:
         norm = syncnorm.SyncBatchNormAct(4, activation=name, **kwargs) if synced else ReferenceBatchNormAct(
             4, name, **kwargs)
         with torch.no_grad():
@@ -606,8 +609,8 @@ def _act_model(synced: bool, activations: list[tuple[str, dict[str, Any]]]) -> n
 
 def _act_data() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(2)
-    x = torch.randn(ACT_STEPS, sum(SIZES), 3, 6, 6, generator=generator, dtype=torch.float64) * 2 + 1
-    dy = torch.randn(ACT_STEPS, sum(SIZES), 4, 4, 4, generator=generator, dtype=torch.float64)
+    x = torch.randn(ACT_STEPS, sum(SIZES), 4, 3, 3, generator=generator, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(ACT_STEPS, sum(SIZES), 4, 3, 3, generator=generator, dtype=torch.float64)
     return x, dy
 
 
@@ -655,17 +658,28 @@ def _check_act_against_reference(reports: list[dict[str, Any]], activations: lis
                 _close(r["steps"][step]["buffers"][name], buffer, f"step {step} buffer {name}")
 
 
-def test_fullgraph_batchnorm_act_trains_like_one_process() -> None:
-    """Every activation, zero and small weights among the channels: one graph, one all-reduce each way a layer."""
+# (backend, layers, kernels): every activation on the inspecting backend (its graphs counted), and one layer
+# each with inductor (C++ code generation with the unbacked size) and with the fused kernels (CPU stand-ins).
+ACT_CASES = {"every-activation": ("inspect", ACT_LAYERS, None), "inductor": ("inductor", ACT_LAYERS[:1], None),
+             "fused-kernels": ("inspect", ACT_LAYERS[1:2], "fused")}
+
+
+@pytest.mark.parametrize("case", ACT_CASES, ids=list(ACT_CASES))
+def test_fullgraph_batchnorm_act_trains_like_one_process(case: str) -> None:
+    """Zero and small weights among the channels: one graph, one all-reduce each way a layer, no eager collective."""
+    backend, layers, kernels = ACT_CASES[case]
     x, dy = _act_data()
-    reports = run_on_ranks(2, rank_act_fullgraph, "inspect", ACT_LAYERS, x, dy, timeout=COMPILE_TIMEOUT_S)
-    _check_act_against_reference(reports, ACT_LAYERS, x, dy)
+    reports = run_on_ranks(2, rank_act_fullgraph, backend, layers, x, dy, kernels, timeout=COMPILE_TIMEOUT_S)
+    _check_act_against_reference(reports, layers, x, dy)
     for report in reports:
         assert report["unique_graphs"] == 1 and report["graph_breaks"] == {}, report
+        for step in report["steps"][1:]:
+            assert step["eager_collectives"] == []
+        if backend != "inspect":
+            continue
         group = report["group_name"]
         (forward,), (backward,) = report["graphs"]["forward"], report["graphs"]["backward"]
         # The eager first step left each merge cache known: one all-reduce of 4C+1 values a layer forward.
-        assert forward == [(4 * 4 + 1, group)] * len(ACT_LAYERS), forward
-        assert backward == [(2 * 4, group)] * len(ACT_LAYERS), backward
-        for step in report["steps"][1:]:
-            assert step["eager_collectives"] == []
+        assert forward == [(4 * 4 + 1, group)] * len(layers), forward
+        assert backward == [(2 * 4, group)] * len(layers), backward
+        assert "syncnorm.act_fallback_channels.default" in report["graphs"]["ops"][0]
