@@ -19,6 +19,11 @@ their packed float64 sums about the layer's candidate shifts), ``_backends.finis
   buffers after it (AOTAutograd functionalises them and writes them back at the end of the graph);
   the momentum may be a 0-dim tensor (``momentum=None``: ``1 / num_batches_tracked`` without ``.item()``);
 - the merge cache (``_shift``) is read, not updated (``sync_batch_norm`` says why).
+
+``SyncBatchNormAct`` traces the same way (``sync_batch_norm_act``), with ``activation.backward_gradients``
+as its backward; its data-dependent choice of the channels that keep their input is the custom op
+``syncnorm::act_fallback_channels``, whose fake returns an index of unbacked size (dynamo needs that size
+in an output of the Function: the index is returned too, and dropped).
 """
 
 from __future__ import annotations

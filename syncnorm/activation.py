@@ -22,7 +22,9 @@ cache, count check), then the activation in place.
 
 Where the inversion is not accurate (``_fallback_channels``: a zero or tiny weight, a bias much larger
 than the weight, ELU deep in its flat tail) the layer also keeps those channels' input (and only those),
-so every channel's gradients are exact.
+so every channel's gradients are exact. While a CUDA graph is captured it keeps the whole input instead
+(that choice is a host read). ``backward_gradients`` is shared with the traceable Function that
+``torch.compile`` traces (``_traceable.TraceableSyncBatchNormActFunction``).
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ def backward_gradients(
     dtype = mean.dtype
     dz = _kernels.like_layout(activation.backward(grad_output, y, dtype), y)
     whole = fallback is None and kept is not None
-    z = kept.to(dtype) if whole else activation.inverse(y, dtype, writable=fallback is not None)
+    z = kept.to(dtype) if kept is not None and whole else activation.inverse(y, dtype, writable=fallback is not None)
     # BatchNorm's backward, written for an input z with per-channel "mean" bias and "invstd" 1 / weight: its
     # xhat is (z - bias) / weight, this layer's, so its gradients are this layer's (grad_weight = sum dz xhat,
     # grad_bias = sum dz, grad_x = alpha (dz - mean dz - xhat mean dz xhat), alpha = weight invstd). z - bias is
@@ -350,9 +352,20 @@ class SyncBatchNormAct(_BatchNorm):
 
     Communication is ``syncnorm.SyncBatchNorm``'s: one all-reduce forward, one of 2C values backward,
     none in eval mode, without a process group or in a group of one rank, where it is
-    ``F.batch_norm`` followed by the activation. A training step whose input or parameters need a gradient
-    takes one host sync (choosing the channels to keep) unless the layer has no weight and the
-    activation is not ELU.
+    ``F.batch_norm`` followed by the activation.
+
+    Host syncs: a training step whose input or parameters need a gradient takes ONE (the ``nonzero`` that
+    chooses the channels to keep; none for a layer without weight whose activation is not ELU, none under
+    ``torch.no_grad()``). On a CPU it costs next to nothing; on a GPU the host waits there for the
+    forward's kernels before queuing more. While a CUDA graph is captured (no host read allowed) the layer
+    takes none: it keeps its whole input instead (static shapes, exact, but no memory saved over
+    ``SyncBatchNorm`` + the activation), and guards the global count on the device as ``SyncBatchNorm`` does.
+
+    ``torch.compile(fullgraph=True)`` traces a training forward whole (the same one all-reduce each way
+    in the graph, or two forward while the merge cache is unknown, as for ``SyncBatchNorm``): the channel
+    choice is the custom op ``syncnorm::act_fallback_channels``, whose index has a data-dependent
+    (unbacked) size in the graph, and it still takes its host sync. In validation mode the layer runs
+    eagerly under compile (one graph break), as ``SyncBatchNorm`` does.
 
     Args:
         num_features: number of channels C.
