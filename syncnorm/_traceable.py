@@ -190,8 +190,8 @@ def group_name(group: Any) -> Optional[str]:
 
 
 @torch.library.custom_op("syncnorm::act_fallback_channels", mutates_args=())
-def _fallback_channels(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: str,
-                       negative_slope: float, alpha: float, dtype: torch.dtype) -> Tensor:
+def _act_fallback_index(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: str,
+                        negative_slope: float, alpha: float, dtype: torch.dtype) -> Tensor:
     """``SyncBatchNormAct``'s choice of the channels that keep their input (``activation.fallback_index``).
 
     A custom op whose fake returns an index of unbacked size: the choice is data-dependent (a nonzero, one
@@ -202,7 +202,7 @@ def _fallback_channels(y: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     return act.fallback_index(y, weight, bias, act._Activation(activation, negative_slope, alpha), dtype)
 
 
-@_fallback_channels.register_fake
+@_act_fallback_index.register_fake
 def _(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: str, negative_slope: float,
       alpha: float, dtype: torch.dtype) -> Tensor:
     return y.new_empty((torch.library.get_ctx().new_dynamic_size(max=y.shape[1]),), dtype=torch.long)
@@ -242,7 +242,7 @@ class TraceableSyncBatchNormActFunction(torch.autograd.Function):
         y = function.forward_(backend.normalize(x, local, stats, weight))
         fallback = kept = None
         if keep:  # an index of unbacked size, possibly empty: the backward takes the same ops either way
-            fallback = _fallback_channels(y, None if weight is None else weight.detach(),
+            fallback = _act_fallback_index(y, None if weight is None else weight.detach(),
                                           None if bias is None else bias.detach(), activation, negative_slope,
                                           alpha, stats_dtype)
             kept = x.index_select(1, fallback)
