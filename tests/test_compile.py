@@ -566,6 +566,7 @@ def test_global_batch_of_one_value_raises_on_every_rank_under_compile() -> None:
 
 
 # --------------------------------------------------------------------------- SyncBatchNormAct under fullgraph compile
+# Compared with the float64 oracle only (torch's BatchNorm2d + the activation in one process), every step.
 
 # Per channel: a zero weight and a small weight under a large bias (both keep their input: the custom op
 # syncnorm::act_fallback_channels picks them, an index of unbacked size in the graph), a negative and an
