@@ -19,6 +19,11 @@ their packed float64 sums about the layer's candidate shifts), ``_backends.finis
   buffers after it (AOTAutograd functionalises them and writes them back at the end of the graph);
   the momentum may be a 0-dim tensor (``momentum=None``: ``1 / num_batches_tracked`` without ``.item()``);
 - the merge cache (``_shift``) is read, not updated (``sync_batch_norm`` says why).
+
+``SyncBatchNormAct`` traces the same way (``sync_batch_norm_act``), with ``activation.backward_gradients``
+as its backward; its data-dependent choice of the channels that keep their input is the custom op
+``syncnorm::act_fallback_channels``, whose fake returns an index of unbacked size (dynamo needs that size
+in an output of the Function: the index is returned too, and dropped).
 """
 
 from __future__ import annotations
@@ -182,3 +187,118 @@ def _update_running_stats(
 def group_name(group: Any) -> Optional[str]:
     """The registered name of a ProcessGroup (what functional collectives take), None for no group."""
     return None if group is None else str(group.group_name)
+
+
+@torch.library.custom_op("syncnorm::act_fallback_channels", mutates_args=())
+def _act_fallback_index(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: str,
+                        negative_slope: float, alpha: float, dtype: torch.dtype) -> Tensor:
+    """``SyncBatchNormAct``'s choice of the channels that keep their input (``activation.fallback_index``).
+
+    A custom op whose fake returns an index of unbacked size: the choice is data-dependent (a nonzero, one
+    host sync), and so stays inside the graph instead of breaking it.
+    """
+    from . import activation as act
+
+    return act.fallback_index(y, weight, bias, act._Activation(activation, negative_slope, alpha), dtype)
+
+
+@_act_fallback_index.register_fake
+def _(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: str, negative_slope: float,
+      alpha: float, dtype: torch.dtype) -> Tensor:
+    return y.new_empty((torch.library.get_ctx().new_dynamic_size(max=y.shape[1]),), dtype=torch.long)
+
+
+class TraceableSyncBatchNormActFunction(torch.autograd.Function):
+    """``SyncBatchNormActFunction`` in the traceable form of ``TraceableSyncBatchNormFunction`` (same outputs)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        shifts: Optional[Tensor],
+        eps: float,
+        group_name: Optional[str],
+        layer: str,
+        activation: str,
+        negative_slope: float,
+        alpha: float,
+        keep: bool,
+    ) -> tuple[Tensor, ...]:
+        from . import activation as act
+
+        backend = _backends.choose(x, _missing_fused_ops)
+        x = _kernels.keep_layout(x)
+        local, summed, shifts = _function.merged_statistics(
+            x, backend, shifts, lambda packed: _all_reduce_sum(packed, group_name)
+        )
+        if _stats.values_per_channel(x) <= 1:  # as TraceableSyncBatchNormFunction
+            summed = _checked_global_count(summed, str(x.size()), layer)
+        stats_dtype = _stats.statistics_dtype(x)
+        stats = _backends.finish_statistics(backend, summed, local, shifts, weight, bias, eps, stats_dtype,
+                                            None, None, 0.0, None, triton=False)
+        function = act._Activation(activation, negative_slope, alpha)
+        y = function.forward_(backend.normalize(x, local, stats, weight))
+        fallback = kept = None
+        if keep:  # an index of unbacked size, possibly empty: the backward takes the same ops either way
+            fallback = _act_fallback_index(y, None if weight is None else weight.detach(),
+                                          None if bias is None else bias.detach(), activation, negative_slope,
+                                          alpha, stats_dtype)
+            kept = x.index_select(1, fallback)
+        ctx.save_for_backward(*act.saved_for_backward(y, weight, bias, stats, stats_dtype), fallback, kept)
+        ctx.backend = backend
+        ctx.group_name = group_name
+        ctx.activation = function
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.input_dtype = x.dtype
+        assert stats.var is not None
+        count, mean, var = stats.num_values.clone(), stats.mean.clone(), stats.var.clone()
+        if fallback is None:
+            ctx.mark_non_differentiable(count, mean, var)
+            return y, count, mean, var
+        # The index is an output too: dynamo needs the unbacked size the custom op creates in an output of
+        # the Function (it is not differentiable, and the caller drops it).
+        fallback = fallback.clone()
+        ctx.mark_non_differentiable(count, mean, var, fallback)
+        return y, count, mean, var, fallback
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor, *_: Any) -> tuple[Optional[Tensor], ...]:
+        from . import activation as act
+
+        grad_x, grad_weight, grad_bias = act.backward_gradients(
+            ctx.backend, ctx.activation, ctx.saved_tensors, grad_output, ctx.needs_input_grad[:3],
+            lambda sums: _all_reduce_sum(sums, ctx.group_name),
+        )
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        return (None if grad_x is None else grad_x.to(ctx.input_dtype), _to(grad_weight, weight_dtype),
+                _to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None)
+
+
+def sync_batch_norm_act(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: Momentum,
+    eps: float,
+    group_name: Optional[str],
+    shifts: Optional[Tensor],
+    layer: str,
+    activation: str,
+    negative_slope: float,
+    alpha: float,
+    keep: bool,
+) -> Tensor:
+    """``sync_batch_norm`` followed by ``SyncBatchNormAct``'s activation, keeping its output (traceable whole).
+
+    ``keep``: whether a backward may follow (choose the channels that keep their input); the merge cache
+    is read, never written, as in ``sync_batch_norm``.
+    """
+    output, count, mean, var, *_ = TraceableSyncBatchNormActFunction.apply(
+        input, weight, bias, shifts, eps, group_name, layer, activation, negative_slope, alpha, keep)
+    if running_mean is not None and running_var is not None:
+        _update_running_stats(running_mean, running_var, count, mean, var, momentum, _stats.values_per_channel(input))
+    return output

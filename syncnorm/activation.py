@@ -22,12 +22,14 @@ cache, count check), then the activation in place.
 
 Where the inversion is not accurate (``_fallback_channels``: a zero or tiny weight, a bias much larger
 than the weight, ELU deep in its flat tail) the layer also keeps those channels' input (and only those),
-so every channel's gradients are exact.
+so every channel's gradients are exact. While a CUDA graph is captured it keeps the whole input instead
+(that choice is a host read). ``backward_gradients`` is shared with the traceable Function that
+``torch.compile`` traces (``_traceable.TraceableSyncBatchNormActFunction``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +149,13 @@ def _fallback_channels(y: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     return index if index.numel() else None
 
 
+def fallback_index(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: _Activation,
+                   dtype: torch.dtype) -> Tensor:
+    """``_fallback_channels`` as an index tensor, empty where nothing must be kept (the traced path's custom op)."""
+    index = _fallback_channels(y, weight, bias, activation, dtype)
+    return torch.empty(0, dtype=torch.long, device=y.device) if index is None else index
+
+
 class SyncBatchNormActFunction(torch.autograd.Function):
     """Training-mode ``activation(BatchNorm(x))`` over the batch of every rank of ``group``, keeping ``y``."""
 
@@ -178,7 +187,13 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         # The statistics exactly as SyncBatchNormFunction.forward computes them (see there for why).
         known = None if cache is None else cache.shifts
         local, summed, shifts = _function.merged_statistics(x, backend, known, all_reduce)
-        update = not (local_count <= 1 and _function.check_global_count(summed, x.size(), layer))
+        # While a CUDA graph is captured no host read may happen: as SyncBatchNormFunction, the device guards
+        # the global count, and the layer keeps its whole input instead of choosing channels (a nonzero).
+        capturing = _function.capturing(x.device)
+        guard_empty = local_count <= 1 and capturing
+        if guard_empty:
+            _function.assert_global_count_is_not_one(summed, x.size(), layer)
+        update = guard_empty or not (local_count <= 1 and _function.check_global_count(summed, x.size(), layer))
         track = update and running_mean is not None and running_var is not None
         next_shifts = None
         if cache is not None and update and update_cache:
@@ -187,6 +202,7 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         stats = _backends.finish_statistics(
             backend, summed, local, shifts, weight, bias, eps, stats_dtype,
             running_mean if track else None, running_var if track else None, momentum, next_shifts,
+            guard_empty=guard_empty,
         )
         if cache is not None and known is None and next_shifts is not None:
             cache.shifts = next_shifts
@@ -198,17 +214,16 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         ctx.activation = activation
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.input_dtype = x.dtype
-        fallback = None
+        fallback = kept = None
         # Nothing to keep for a forward without backward (needs_input_grad is True under no_grad too). An empty
         # rank chooses too: its backward's per-channel factors must stay finite (a zero weight).
         if grad_enabled and any(ctx.needs_input_grad[:3]):
-            fallback = _fallback_channels(y, weight, bias, activation, stats_dtype)
-        kept = None if fallback is None else x.index_select(1, fallback)
-        ctx.save_for_backward(
-            y, None if weight is None else weight.detach().to(stats_dtype),
-            None if bias is None else bias.detach().to(stats_dtype), stats.mean, stats.residual, stats.invstd,
-            stats.alpha, None if stats.coef is None else stats.coef[0], stats.int_count, fallback, kept,
-        )
+            if capturing:  # the whole input, no choice (static shapes, no host sync): exact, saves no memory
+                kept = x
+            else:
+                fallback = _fallback_channels(y, weight, bias, activation, stats_dtype)
+                kept = None if fallback is None else x.index_select(1, fallback)
+        ctx.save_for_backward(*saved_for_backward(y, weight, bias, stats, stats_dtype), fallback, kept)
         return y
 
     @staticmethod
@@ -236,57 +251,88 @@ def _native_backward_elemt_into(dy: Tensor, x: Tensor, saved: _backends.Saved, s
 _NATIVE_INTO = _backends.NATIVE._replace(backward_elemt=_native_backward_elemt_into)
 
 
+def saved_for_backward(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], stats: _stats.PerChannel,
+                       dtype: torch.dtype) -> tuple[Optional[Tensor], ...]:
+    """The output and the per-channel values ``backward_gradients`` takes (before the kept channels)."""
+    return (y, None if weight is None else weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype),
+            stats.mean, stats.residual, stats.invstd, stats.alpha, None if stats.coef is None else stats.coef[0],
+            stats.int_count)
+
+
 def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
-    """z and dz from the output, then BatchNorm's backward of z (one all-reduce of the 2C sums)."""
-    y, weight, bias, mean, residual, invstd, alpha, coef, int_count, fallback, kept = ctx.saved_tensors
-    activation: _Activation = ctx.activation
+    """The synchronised backward of the eager Function (one all-reduce of the 2C sums)."""
+
+    def all_reduce(sums: Tensor) -> Tensor:
+        _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
+        return sums
+
+    grad_x, grad_weight, grad_bias = backward_gradients(
+        ctx.backend, ctx.activation, ctx.saved_tensors, grad_output, ctx.needs_input_grad[:3], all_reduce)
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    return (None if grad_x is None else grad_x.to(ctx.input_dtype), _function._to(grad_weight, weight_dtype),
+            _function._to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None, None, None)
+
+
+def backward_gradients(
+    backend: _backends.Backend, activation: _Activation, saved: tuple[Optional[Tensor], ...], grad_output: Tensor,
+    needs_grad: tuple[bool, bool, bool], all_reduce: Callable[[Tensor], Tensor],
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """z and dz from the output, then BatchNorm's backward of z (ONE ``all_reduce`` of the 2C sums).
+
+    ``saved``: ``saved_for_backward``'s values, then the kept channels' index and their input (both None:
+    nothing kept; an index None and an input: the whole input, kept while a CUDA graph was captured).
+    Shared by the eager Function and the traceable one (``_traceable``); ``all_reduce`` as in
+    ``_function.backward_gradients``.
+    """
+    y, weight, bias, mean, residual, invstd, alpha, coef, int_count, fallback, kept = saved
+    assert y is not None and mean is not None and residual is not None and invstd is not None and alpha is not None
     dtype = mean.dtype
     dz = _kernels.like_layout(activation.backward(grad_output, y, dtype), y)
-    z = activation.inverse(y, dtype, writable=fallback is not None)
+    whole = fallback is None and kept is not None
+    z = kept.to(dtype) if kept is not None and whole else activation.inverse(y, dtype, writable=fallback is not None)
     # BatchNorm's backward, written for an input z with per-channel "mean" bias and "invstd" 1 / weight: its
     # xhat is (z - bias) / weight, this layer's, so its gradients are this layer's (grad_weight = sum dz xhat,
     # grad_bias = sum dz, grad_x = alpha (dz - mean dz - xhat mean dz xhat), alpha = weight invstd). z - bias is
     # formed per element before any product (as x - mean is), so a large bias cancels no digits beyond z's own.
     zeros = torch.zeros_like(invstd)
-    center = zeros if bias is None else bias
-    scale = torch.ones_like(invstd) if weight is None else weight.reciprocal()
-    shift = zeros
+    if whole:  # SyncBatchNormFunction's backward on the input: mean m32 + residual, the batch's invstd
+        center, shift, scale = mean, residual, invstd
+    else:
+        center = zeros if bias is None else bias
+        scale = torch.ones_like(invstd) if weight is None else weight.reciprocal()
+        shift = zeros
     if fallback is not None:
         # Channels the inversion cannot serve run the ordinary BatchNorm backward on their kept input: mean
         # m32 + residual, invstd the batch's, as SyncBatchNormFunction's backward (exact whatever the weight).
+        assert kept is not None
         z.index_copy_(1, fallback, kept.to(dtype))
         center = center.index_copy(0, fallback, mean[fallback])
         shift = shift.index_copy(0, fallback, residual[fallback])
         scale.index_copy_(0, fallback, invstd[fallback])
     scale2 = scale * scale
-    fused = ctx.backend is _backends.FUSED
+    fused = backend is _backends.FUSED
     saved = _backends.Saved(
         weight=alpha / scale if fused else None, mean=center, invstd=scale, residual=shift,
-        r_invstd2=zeros if fallback is None else shift * scale2, alpha=alpha,
+        r_invstd2=zeros if kept is None else shift * scale2, alpha=alpha,
         coef=None if coef is None else torch.stack([coef, coef * scale2]), int_count=int_count, zeros=zeros,
     )
 
-    def all_reduce(sums: Tensor) -> Tensor:
-        # backward_gradients' sums are about this rank's centers and scales, [sum dz - r s^2 S, S] with
-        # S = sum dz (z - center - r); ranks may choose different channels to keep (ELU's tail is the
+    def reduce(sums: Tensor) -> Tensor:
+        # _function.backward_gradients' sums are about this rank's centers and scales, [sum dz - r s^2 S, S]
+        # with S = sum dz (z - center - r); ranks may choose different channels to keep (ELU's tail is the
         # batch's, an empty rank has none), so they are summed as [sum dz, s S = sum dz xhat], the same
         # quantities on every rank, and turned back into this rank's form (r = 0 without kept channels).
-        if fallback is not None:
+        if kept is not None:
             sums[0].addcmul_(saved.r_invstd2, sums[1])
         sums[1].mul_(scale)
-        _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
+        sums = all_reduce(sums)
         sums[1].div_(scale)
-        if fallback is not None:
+        if kept is not None:
             sums[0].addcmul_(saved.r_invstd2, sums[1], value=-1)
         return sums
 
-    backend = _NATIVE_INTO if ctx.backend is _backends.NATIVE and z is not y else ctx.backend
-    grad_x, grad_weight, grad_bias = _function.backward_gradients(
-        backend, z, saved, dz, ctx.needs_input_grad[:3], all_reduce
-    )
-    weight_dtype, bias_dtype = ctx.param_dtypes
-    return (None if grad_x is None else grad_x.to(ctx.input_dtype), _function._to(grad_weight, weight_dtype),
-            _function._to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None, None, None)
+    native_into = backend is _backends.NATIVE and z is not y and z is not kept  # z is ours to overwrite
+    return _function.backward_gradients(_NATIVE_INTO if native_into else backend, z, saved, dz, needs_grad, reduce)
 
 
 class SyncBatchNormAct(_BatchNorm):
@@ -306,9 +352,20 @@ class SyncBatchNormAct(_BatchNorm):
 
     Communication is ``syncnorm.SyncBatchNorm``'s: one all-reduce forward, one of 2C values backward,
     none in eval mode, without a process group or in a group of one rank, where it is
-    ``F.batch_norm`` followed by the activation. A training step whose input or parameters need a gradient
-    takes one host sync (choosing the channels to keep) unless the layer has no weight and the
-    activation is not ELU.
+    ``F.batch_norm`` followed by the activation.
+
+    Host syncs: a training step whose input or parameters need a gradient takes ONE (the ``nonzero`` that
+    chooses the channels to keep; none for a layer without weight whose activation is not ELU, none under
+    ``torch.no_grad()``). On a CPU it costs next to nothing; on a GPU the host waits there for the
+    forward's kernels before queuing more. While a CUDA graph is captured (no host read allowed) the layer
+    takes none: it keeps its whole input instead (static shapes, exact, but no memory saved over
+    ``SyncBatchNorm`` + the activation), and guards the global count on the device as ``SyncBatchNorm`` does.
+
+    ``torch.compile(fullgraph=True)`` traces a training forward whole (the same one all-reduce each way
+    in the graph, or two forward while the merge cache is unknown, as for ``SyncBatchNorm``): the channel
+    choice is the custom op ``syncnorm::act_fallback_channels``, whose index has a data-dependent
+    (unbacked) size in the graph, and it still takes its host sync. In validation mode the layer runs
+    eagerly under compile (one graph break), as ``SyncBatchNorm`` does.
 
     Args:
         num_features: number of channels C.
@@ -421,8 +478,9 @@ class SyncBatchNormAct(_BatchNorm):
             >>> layer(torch.randn(4, 3, 8, 8)).shape
             torch.Size([4, 3, 8, 8])
         """
-        if self.training and _compiling():
-            # The Function takes a process group (a graph break for dynamo, pytorch#129942): run it eagerly.
+        if self.training and _compiling() and _comm.distributed_ready() and _validate.enabled():
+            # As SyncBatchNorm: validation's all-gathers are not traceable, so in validation mode a training
+            # forward under torch.compile runs eagerly (one graph break). Otherwise it is traced whole.
             return _run_eagerly(self._forward, input)
         return self._forward(input)
 
@@ -435,19 +493,33 @@ class SyncBatchNormAct(_BatchNorm):
         recomputing = recomputing_forward()
         tracks = self.training and self.track_running_stats and self.num_batches_tracked is not None
         tracks = tracks and not recomputing
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked + 1) if tracks else 0.0  # type: ignore[operator]
-        else:
+        factor: float | Tensor = 0.0
+        if self.momentum is not None:
             factor = self.momentum
+        elif tracks and _compiling():  # the cumulative average's weight as a tensor: no host sync in the graph
+            factor = (self.num_batches_tracked + 1).double().reciprocal()  # type: ignore[operator, union-attr]
+        elif tracks:
+            factor = 1.0 / float(self.num_batches_tracked + 1)  # type: ignore[operator]
         uses_buffers = not self.training or (self.track_running_stats and not recomputing)
         running_mean = self.running_mean if uses_buffers else None
         running_var = self.running_var if uses_buffers else None
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if self.training and self.eps <= 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        if group is None or not self.training:
+        if self.training and _compiling() and (group is not None or isinstance(factor, Tensor)):
+            from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
+
+            shifts = None if group is None else _shift.known_shifts(self, group, input)
+            keep = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (input, self.weight, self.bias))
+            output = _traceable.sync_batch_norm_act(
+                input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
+                _traceable.group_name(group), shifts, description, self.activation, self.negative_slope, self.alpha,
+                keep,
+            )
+        elif group is None or not self.training:
             output = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
-                                  factor, self.eps)
+                                  factor, self.eps)  # type: ignore[arg-type]
             output = self._activation().forward_(output)
         else:
             _refuse_forward_ad(description, input, self.weight, self.bias)

@@ -7,7 +7,7 @@ serve: they keep their input), against torch's BatchNorm and activation in float
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -63,6 +63,11 @@ def _cases(sizes: list[int]) -> list[dict[str, Any]]:
             _case("elu", sizes, 4, {"affine": False, "momentum": None}, shape=(CHANNELS, 5)),
             _case("identity", sizes, 5, {"track_running_stats": False}, shape=(CHANNELS,)),
             _case("leaky_relu", sizes, 6, shape=(CHANNELS, 2, 3, 2), dtype=torch.bfloat16),
+            # float16 directly (channels_last too). Not WEIGHT's 1e-30: weight * xhat underflows float16 to +-0,
+            # where ELU's derivative (1 above zero, alpha below) is undefined for the output's dtype (torch's own
+            # float16 BatchNorm + ELU loses it too); 1e-3 is small, inverted, and representable.
+            {**_case("elu", sizes, 8, layout="channels_last", shape=(CHANNELS, 2, 3), dtype=torch.float16),
+             "weight": torch.where(WEIGHT == 1e-30, 1e-3, WEIGHT)},
             # A channel inverted on one rank and kept on the other: the gradient sums still add up.
             _case("elu", sizes, 7, first_rank_high=True),
         ]
@@ -83,7 +88,7 @@ def _act_steps(case: dict[str, Any]) -> list[dict[str, Any]]:
     layer = syncnorm.SyncBatchNormAct(CHANNELS, **case["kwargs"])
     if layer.affine:
         with torch.no_grad():
-            layer.weight.copy_(WEIGHT)
+            layer.weight.copy_(case.get("weight", WEIGHT))
             layer.bias.copy_(BIAS)
     reports = []
     for step in case["steps"]:
@@ -110,7 +115,7 @@ def _check(case: dict[str, Any], reports: list[list[dict[str, Any]]]) -> None:
     reference = batchnorm_class(case["steps"][0]["x"].dim())(CHANNELS, dtype=torch.float64, **layer)
     if reference.affine:
         with torch.no_grad():
-            reference.weight.copy_(WEIGHT)
+            reference.weight.copy_(case.get("weight", WEIGHT))
             reference.bias.copy_(BIAS)
     activation = ACTIVATIONS[case["name"]][1]
     for i, step in enumerate(case["steps"]):
@@ -316,3 +321,235 @@ def test_convert_model_fuses_invertible_activations_and_reverts() -> None:
     assert all(p is parameters[name] for name, p in model.named_parameters())
     assert not any(hasattr(model[i], "activation") or hasattr(model[i], "process_group") for i in (1, 3, 5, 9))
     assert_close(model.eval()(x), original.eval()(x.double()), torch.float32, "reverted model, eval")
+
+
+# --------------------------------------------------------------------------- works with the rest (issue 25, item 5)
+
+class TorchBatchNormAct(torch.nn.BatchNorm2d):
+    """torch's BatchNorm2d followed by one of ACTIVATIONS: the oracle's layer (the same state_dict keys)."""
+
+    def __init__(self, channels: int, name: str) -> None:
+        super().__init__(channels)
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ACTIVATIONS[self.name][1](super().forward(x))
+
+
+def _blocks(synced: bool) -> torch.nn.Sequential:
+    """conv -> BatchNorm + activation, once per activation: SyncBatchNormAct layers, or torch's for the oracle."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i, name in enumerate(ACTIVATIONS):
+        # No conv bias: BatchNorm cancels it, its gradient is zero (no relative error to speak of).
+        layers.append(torch.nn.Conv2d(3 if i == 0 else CHANNELS, CHANNELS, 3 if i == 0 else 1, bias=False))
+        norm = syncnorm.SyncBatchNormAct(CHANNELS, **ACTIVATIONS[name][0]) if synced else TorchBatchNormAct(
+            CHANNELS, name)
+        with torch.no_grad():
+            norm.weight.copy_(WEIGHT)
+            norm.bias.copy_(BIAS)
+        layers.append(norm)
+    return torch.nn.Sequential(*layers)
+
+
+BLOCK_SIZES = [3, 5]
+
+
+def _block_steps(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], sizes: Optional[list[int]],
+                 autocast: bool = False) -> list[dict[str, Any]]:
+    """Training steps of ``model`` on this rank's part of each batch (``sizes`` None: the whole batch)."""
+    reports = []
+    for batch in batches:
+        x, dy = (batch["x"], batch["dy"]) if sizes is None else (my_slice(batch["x"], sizes),
+                                                               my_slice(batch["dy"], sizes))
+        x = x.to(next(model.parameters()).dtype).requires_grad_()
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = model(x)
+        (y * dy.to(y.dtype)).sum().backward()
+        reports.append({"y": y.detach(), "grad_x": x.grad, "y_dtype": y.dtype,
+                        "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                        "buffers": {n: b.clone() for n, b in model.named_buffers() if b.is_floating_point()}})
+    return reports
+
+
+def _block_batches(steps: int, sizes: list[int]) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(9)
+    out = []
+    for _ in range(steps):
+        x = torch.randn(sum(sizes), 3, 5, 5, generator=generator) * 2 + 1
+        out.append({"x": x, "dy": torch.randn(sum(sizes), CHANNELS, 3, 3, generator=generator).bfloat16()})
+    return out
+
+
+def rank_blocks_under_autocast(batches: list[dict[str, torch.Tensor]]) -> list[dict[str, Any]]:
+    return _block_steps(_blocks(synced=True), batches, BLOCK_SIZES, autocast=True)
+
+
+def _relative_errors(got: list[dict[str, Any]], expected: dict[str, Any]) -> dict[str, float]:
+    """Norm of the error over norm of the value: output and input gradient (concatenated over ranks), parameter
+    gradients (summed over ranks; each tensor relative to its own norm, then pooled) and running statistics."""
+
+    def relative(actual: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return ((actual.double() - value.double()) / value.double().norm()).flatten()
+
+    grads = [relative(sum(g["grads"][n].double() for g in got), v) for n, v in expected["grads"].items()]
+    buffers = [relative(got[0]["buffers"][n], v) for n, v in expected["buffers"].items()]
+    return {"output": float(relative(torch.cat([g["y"] for g in got]), expected["y"]).norm()),
+            "grad_x": float(relative(torch.cat([g["grad_x"] for g in got]), expected["grad_x"]).norm()),
+            "parameter gradients": float(torch.cat(grads).norm()),
+            "running statistics": float(torch.cat(buffers).norm())}
+
+
+def test_bfloat16_autocast_errs_at_most_twice_as_much_as_torch_batchnorm() -> None:
+    """conv -> SyncBatchNormAct under CPU bf16 autocast on 2 ranks vs torch's BatchNorm2d + activation under the
+    same autocast in one process: each error against float64 is at most twice torch's own."""
+    batches = _block_batches(2, BLOCK_SIZES)
+    per_rank = run_on_ranks(2, rank_blocks_under_autocast, batches)
+    expected = _block_steps(_blocks(synced=False).double(), batches, None)
+    torch_bf16 = _block_steps(_blocks(synced=False), batches, None, autocast=True)
+    for i in range(len(batches)):
+        got = [r[i] for r in per_rank]
+        assert all(g["y_dtype"] == torch.bfloat16 for g in got) and torch_bf16[i]["y_dtype"] == torch.bfloat16
+        errors = _relative_errors(got, expected[i])
+        tolerance = {name: 2 * error for name, error in _relative_errors([torch_bf16[i]], expected[i]).items()}
+        too_large = {name: (error, tolerance[name]) for name, error in errors.items() if error > tolerance[name]}
+        assert not too_large, f"step {i}: (relative error, allowed) {too_large}"
+
+
+def rank_validation(x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
+    """In validation mode: a training step alike on every rank, then one where rank 1 feeds float64."""
+    layer = syncnorm.SyncBatchNormAct(CHANNELS, **ACTIVATIONS["elu"][0])
+    layer.layer_name = "features.act"
+    with torch.no_grad():
+        layer.weight.copy_(WEIGHT)
+        layer.bias.copy_(BIAS)
+    xl = my_slice(x, BLOCK_SIZES).requires_grad_()
+    COLLECTIVES.reset()
+    with syncnorm.validation():
+        y = layer(xl)
+        (y * my_slice(dy, BLOCK_SIZES)).sum().backward()
+    out: dict[str, Any] = {"y": y.detach(), "grad_x": xl.grad, "calls": COLLECTIVES.names(),
+                           **{f"grad_{k}": p.grad for k, p in layer.named_parameters()}}
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    odd = torch.distributed.get_rank() == 1
+    try:
+        with syncnorm.validation():
+            layer(my_slice(x, BLOCK_SIZES).to(torch.float64 if odd else torch.float32))
+        out["error"] = None
+    except SyncNormError as error:
+        out["error"] = str(error)
+    out["unchanged"] = all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    return out
+
+
+def test_validation_mode_passes_alike_ranks_and_names_a_mismatch() -> None:
+    x = torch.randn(sum(BLOCK_SIZES), CHANNELS, 2, generator=torch.Generator().manual_seed(3))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    per_rank = run_on_ranks(2, rank_validation, x, dy)
+    reference = batchnorm_class(3)(CHANNELS, dtype=torch.float64)
+    with torch.no_grad():
+        reference.weight.copy_(WEIGHT)
+        reference.bias.copy_(BIAS)
+    x64 = x.double().requires_grad_()
+    y = ACTIVATIONS["elu"][1](reference(x64))
+    (y * dy.double()).sum().backward()
+    assert_close(torch.cat([r["y"] for r in per_rank]), y.detach(), torch.float32, "validated output")
+    assert_close(torch.cat([r["grad_x"] for r in per_rank]), x64.grad, torch.float32, "validated grad_x")
+    for name, p in reference.named_parameters():
+        assert_close(sum(r[f"grad_{name}"].double() for r in per_rank), p.grad, torch.float32, f"grad {name}")
+    for r in per_rank:
+        # Validation's all-gather before the forward's two all-reduces (a fresh merge cache) and before the
+        # backward's one.
+        assert r["calls"] == ["all_gather", "all_reduce", "all_reduce", "all_gather",
+                              "all_reduce"], r["calls"]
+        assert r["error"] is not None and "layer 'features.act'" in r["error"], r["error"]
+        assert "input dtype differs (rank 0: torch.float32, rank 1: torch.float64)" in r["error"], r["error"]
+        assert r["unchanged"]
+
+
+def rank_update_bn_stats(loaders: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    model = _blocks(synced=True)
+    syncnorm.update_bn_stats(model, loaders[torch.distributed.get_rank()], progress=False)
+    return {n: b for n, b in model.named_buffers()}
+
+
+def test_update_bn_stats_sets_population_statistics_of_act_layers() -> None:
+    """Precise BN through SyncBatchNormAct layers (each normalising with its step's global batch): the running
+    statistics are float64 torch's population statistics of every input each layer saw on every rank."""
+    from test_precise import population_statistics
+
+    generator = torch.Generator().manual_seed(6)
+    steps = [torch.randn(n, 3, 5, 5, generator=generator) * 3 + 20 for n in (7, 5)]
+    sizes = [[3, 4], [4, 1]]
+    loaders = [[step.split(size)[r] for step, size in zip(steps, sizes)] for r in range(2)]
+    per_rank = run_on_ranks(2, rank_update_bn_stats, loaders)
+    expected = population_statistics(_blocks(synced=False), [[step] for step in steps])
+    assert len(expected) == len(ACTIVATIONS)
+    for buffers in per_rank:
+        for name, (mean, var) in expected.items():
+            assert_close(buffers[f"{name}.running_mean"], mean, torch.float32, f"{name} running_mean")
+            assert_close(buffers[f"{name}.running_var"], var, torch.float32, f"{name} running_var")
+            assert int(buffers[f"{name}.num_batches_tracked"]) == 0  # restored
+
+
+def rank_host_syncs(batches: list[dict[str, Any]], kernels: str, capture: bool) -> list[list[dict[str, Any]]]:
+    """Every activation's layer, fresh, trained on ``batches``; ``capture``: as while a CUDA graph is captured
+    (``_function.capturing`` answers True, as tests/test_capture_branch.py forces it). Host syncs counted."""
+    from test_op_counts import CountOps
+
+    from syncnorm import _function
+
+    original = _function.capturing
+    if capture:
+        _function.capturing = lambda device: True  # type: ignore[assignment]
+    try:
+        with use_kernels(kernels):
+            out = []
+            for name in ACTIVATIONS:
+                layer = syncnorm.SyncBatchNormAct(CHANNELS, **ACTIVATIONS[name][0])
+                with torch.no_grad():
+                    layer.weight.copy_(WEIGHT)
+                    layer.bias.copy_(BIAS)
+                reports = []
+                for batch in batches:
+                    x = my_slice(batch["x"], batch["sizes"]).requires_grad_()
+                    layer.zero_grad(set_to_none=True)
+                    with CountOps() as counted:
+                        y, saved = _saved_by(layer, x)
+                        (y * my_slice(batch["dy"], batch["sizes"])).sum().backward()
+                    reports.append({"y": y.detach(), "grad_x": x.grad, "syncs": counted.syncs, "y_dtype": y.dtype,
+                                    "layouts_kept": y.is_contiguous() and x.grad.is_contiguous(),
+                                    "keeps_input": any(t is x for t in saved),
+                                    **{f"grad_{k}": p.grad for k, p in layer.named_parameters()},
+                                    **{k: v.clone() for k, v in layer.named_buffers()}})
+                out.append(reports)
+            return out
+    finally:
+        _function.capturing = original
+
+
+@pytest.mark.parametrize("kernels", ["native", "fused"])
+def test_capture_branch_keeps_the_whole_input_without_host_sync(kernels: str) -> None:
+    # (N, C) batches: a rank of one sample and an empty rank take the device-side checks of the global count.
+    steps = [[3, 4], [1, 3], [0, 4]]
+    generator = torch.Generator().manual_seed(12)
+    batches = []
+    for sizes in steps:
+        x = torch.randn(sum(sizes), CHANNELS, generator=generator) * 2 + 1
+        batches.append({"x": x, "dy": torch.randn(x.shape, generator=generator), "sizes": sizes})
+    per_rank = run_on_ranks(2, rank_host_syncs, batches, kernels, True)
+    for i, name in enumerate(ACTIVATIONS):
+        case = {"name": name, "kwargs": ACTIVATIONS[name][0], "layout": "contiguous", "steps": batches}
+        _check(case, [r[i] for r in per_rank])
+        for reports in per_rank:
+            for report in reports[i]:
+                assert report["syncs"] == [] and report["keeps_input"], (name, report["syncs"])
+
+
+def test_training_step_takes_one_host_sync_to_choose_the_kept_channels() -> None:
+    x = torch.randn(7, CHANNELS, 2, generator=torch.Generator().manual_seed(13))
+    batches = [{"x": x, "dy": torch.randn(x.shape), "sizes": [3, 4]}]
+    for reports in run_on_ranks(2, rank_host_syncs, batches, "native", False):
+        for (report,) in reports:  # the nonzero of _fallback_channels; only the channels that need it are kept
+            assert report["syncs"] == ["nonzero"] and not report["keeps_input"], report["syncs"]

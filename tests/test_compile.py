@@ -27,6 +27,7 @@ import subprocess
 import sys
 from typing import Any, Callable
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -562,3 +563,124 @@ def test_global_batch_of_one_value_raises_on_every_rank_under_compile() -> None:
         assert kind == "ValueError" and "Expected more than 1 value per channel" in message, report["error"]
         assert report["unchanged"], "a failed step changed the layer's buffers"
         assert report["after"] == (torch.Size([2 + rank, 3]), 1)
+
+
+# --------------------------------------------------------------------------- SyncBatchNormAct under fullgraph compile
+# Compared with the float64 oracle only (torch's BatchNorm2d + the activation in one process), every step.
+
+# Per channel: a zero weight and a small weight under a large bias (both keep their input: the custom op
+# syncnorm::act_fallback_channels picks them, an index of unbacked size in the graph), a negative and an
+# ordinary one (inverted from the output).
+ACT_WEIGHT = torch.tensor([0.0, -0.7, 1.3, 0.02], dtype=torch.float64)
+ACT_BIAS = torch.tensor([0.4, -0.3, 0.1, 2.0], dtype=torch.float64)
+ACT_LAYERS = [("leaky_relu", {"negative_slope": 0.1}), ("elu", {"alpha": 0.8}), ("identity", {})]
+ACT_STEPS = 3  # one eager step (it leaves the merge cache known), then two compiled ones
+
+
+class ReferenceBatchNormAct(nn.BatchNorm2d):
+    """torch's BatchNorm2d followed by the activation: the oracle of SyncBatchNormAct (same state_dict keys)."""
+
+    def __init__(self, channels: int, activation: str, negative_slope: float = 0.01, alpha: float = 1.0) -> None:
+        super().__init__(channels)
+        self.activation, self.negative_slope, self.alpha = activation, negative_slope, alpha
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(y, self.negative_slope)
+        return F.elu(y, self.alpha) if self.activation == "elu" else y
+
+
+def _act_model(synced: bool, activations: list[tuple[str, dict[str, Any]]]) -> nn.Module:
+    """BatchNorm + activation, once per activation in a row, float64: SyncBatchNormAct layers or the oracle's.
+
+    No convolutions between them: compilation time is what this file spends, and the layers' own inputs and
+    gradients are what is tested.
+    """
+    layers: list[nn.Module] = []
+    for name, kwargs in activations:
+        norm = syncnorm.SyncBatchNormAct(4, activation=name, **kwargs) if synced else ReferenceBatchNormAct(
+            4, name, **kwargs)
+        with torch.no_grad():
+            norm.weight.copy_(ACT_WEIGHT)
+            norm.bias.copy_(ACT_BIAS)
+        layers.append(norm)
+    return nn.Sequential(*layers).double()
+
+
+def _act_data() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(ACT_STEPS, sum(SIZES), 4, 3, 3, generator=generator, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(ACT_STEPS, sum(SIZES), 4, 3, 3, generator=generator, dtype=torch.float64)
+    return x, dy
+
+
+def _act_step(model: nn.Module, module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
+    inp = x.clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    COLLECTIVES.reset()
+    y = model(inp)
+    (y * dy).sum().backward()
+    return {"y": y.detach(), "grad_x": inp.grad, "grads": {n: p.grad.clone() for n, p in module.named_parameters()},
+            "buffers": {n: b.clone() for n, b in module.named_buffers()}, "eager_collectives": list(COLLECTIVES.calls)}
+
+
+def rank_act_fullgraph(backend: str, activations: list[tuple[str, dict[str, Any]]], x: torch.Tensor,
+                       dy: torch.Tensor, kernels: str | None = None) -> dict[str, Any]:
+    """SyncBatchNormAct layers: one eager training step, then the rest compiled with fullgraph=True."""
+    from torch._dynamo.utils import counters
+
+    with use_kernels(kernels):
+        torch._dynamo.reset()
+        counters.clear()
+        module = _act_model(True, activations)
+        graphs: dict[str, list[Any]] = {"forward": [], "backward": []}
+        compiled = torch.compile(module, backend=inspecting_backend(graphs) if backend == "inspect" else backend,
+                                 fullgraph=True)
+        steps = [_act_step(compiled if step else module, module, my_slice(x[step], SIZES), my_slice(dy[step], SIZES))
+                 for step in range(ACT_STEPS)]
+        report = {"steps": steps, "graphs": graphs, "unique_graphs": counters["stats"]["unique_graphs"],
+                  "graph_breaks": dict(counters["graph_break"]), "group_name": torch.distributed.group.WORLD.group_name}
+        torch._dynamo.reset()
+        return report
+
+
+def _check_act_against_reference(reports: list[dict[str, Any]], activations: list[tuple[str, dict[str, Any]]],
+                                 x: torch.Tensor, dy: torch.Tensor) -> None:
+    reference = _act_model(False, activations)
+    for step in range(ACT_STEPS):
+        expected = _act_step(reference, reference, x[step], dy[step])
+        for key in ("y", "grad_x"):
+            _close(torch.cat([r["steps"][step][key] for r in reports]), expected[key], f"step {step} {key}")
+        for name, grad in expected["grads"].items():
+            _close(sum(r["steps"][step]["grads"][name] for r in reports), grad, f"step {step} grad of {name}")
+        for r in reports:
+            for name, buffer in expected["buffers"].items():
+                _close(r["steps"][step]["buffers"][name], buffer, f"step {step} buffer {name}")
+
+
+# (backend, layers, kernels): every activation on the inspecting backend (its graphs counted), and one layer
+# each with inductor (C++ code generation with the unbacked size) and with the fused kernels (CPU stand-ins).
+ACT_CASES = {"every-activation": ("inspect", ACT_LAYERS, None), "inductor": ("inductor", ACT_LAYERS[:1], None),
+             "fused-kernels": ("inspect", ACT_LAYERS[1:2], "fused")}
+
+
+@pytest.mark.parametrize("case", ACT_CASES, ids=list(ACT_CASES))
+def test_fullgraph_batchnorm_act_trains_like_one_process(case: str) -> None:
+    """Zero and small weights among the channels: one graph, one all-reduce each way a layer, no eager collective."""
+    backend, layers, kernels = ACT_CASES[case]
+    x, dy = _act_data()
+    reports = run_on_ranks(2, rank_act_fullgraph, backend, layers, x, dy, kernels, timeout=COMPILE_TIMEOUT_S)
+    _check_act_against_reference(reports, layers, x, dy)
+    for report in reports:
+        assert report["unique_graphs"] == 1 and report["graph_breaks"] == {}, report
+        for step in report["steps"][1:]:
+            assert step["eager_collectives"] == []
+        if backend != "inspect":
+            continue
+        group = report["group_name"]
+        (forward,), (backward,) = report["graphs"]["forward"], report["graphs"]["backward"]
+        # The eager first step left each merge cache known: one all-reduce of 4C+1 values a layer forward.
+        assert forward == [(4 * 4 + 1, group)] * len(layers), forward
+        assert backward == [(2 * 4, group)] * len(layers), backward
+        assert "syncnorm.act_fallback_channels.default" in report["graphs"]["ops"][0]
