@@ -6,7 +6,7 @@ concatenation of every rank's batch (tests/reference.py), never with syncnorm it
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -181,9 +181,10 @@ def rank_fsdp_steps(batches: list[dict[str, Any]], param_dtype: torch.dtype | No
     return reports
 
 
-def _reference_steps(batches: list[dict[str, Any]], dtype: torch.dtype) -> list[dict[str, Any]]:
+def _reference_steps(batches: list[dict[str, Any]], dtype: torch.dtype,
+                     build: Callable[[], nn.Module] = _net) -> list[dict[str, Any]]:
     """torch's own layers in one process, the whole batch, every parameter and buffer in ``dtype``."""
-    net = _net().to(dtype)
+    net = build().to(dtype)
     out = []
     for step in batches:
         x = step["x"].to(dtype).requires_grad_()
@@ -273,6 +274,60 @@ def test_hsdp_on_a_two_by_two_mesh_pools_all_four_ranks_like_one_process() -> No
             for name, buffer in got[0]["buffers"].items():
                 assert torch.equal(r["buffers"][name], buffer), f"step {i} {name} differs between ranks"
         errors = _errors(got, expected)  # HSDP averages gradients over all four ranks
+        assert all(error < 1e-5 for error in errors.values()), f"step {i}: {errors}"
+
+
+class _Blocks(nn.Module):
+    """_net's layers as two conv-BatchNorm blocks, each (``checkpointed``) under non-reentrant activation
+    checkpointing: recomputed inside backward, its syncnorm layers synchronise again but must count nothing."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        net = _net()
+        self.blocks = nn.ModuleList([net[0:3], net[3:5]])
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
+        return x
+
+
+def rank_fsdp_checkpointed_steps(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """fully_shard of each checkpointed block, then of the root (the usual FSDP2 + activation checkpointing setup)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = syncnorm.convert_model(_Blocks(checkpointed=True))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    reports = []
+    for step in batches:
+        x = my_slice(step["x"], step["sizes"]).requires_grad_()
+        y = model(x)
+        (y * my_slice(step["dy"], step["sizes"])).sum().backward()
+        reports.append(_report(model, x, y))
+        model.zero_grad(set_to_none=True)
+    return reports
+
+
+def test_activation_checkpointing_under_fully_shard_counts_each_batch_once() -> None:
+    batches = _batches(2, SIZES)
+    per_rank = run_on_ranks(2, rank_fsdp_checkpointed_steps, batches)
+    # torch's own layers, without checkpointing: under it they would count every batch twice.
+    reference = _reference_steps(batches, torch.float64, lambda: _Blocks(checkpointed=False))
+    for i, expected in enumerate(reference):
+        got = [reports[i] for reports in per_rank]
+        for r in got[1:]:
+            for name, buffer in got[0]["buffers"].items():
+                assert torch.equal(r["buffers"][name], buffer), f"step {i} {name} differs between ranks"
+        counts = {n: int(b) for n, b in got[0]["buffers"].items() if n.endswith("num_batches_tracked")}
+        assert counts == {"blocks.0.1.num_batches_tracked": i + 1, "blocks.1.4.num_batches_tracked": i + 1}, counts
+        errors = _errors(got, expected)
         assert all(error < 1e-5 for error in errors.values()), f"step {i}: {errors}"
 
 
