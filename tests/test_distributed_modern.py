@@ -431,11 +431,38 @@ def test_a_dcp_checkpoint_of_fully_shard_on_two_ranks_resumes_in_one_process_and
 # ---------------------------------------------------------------- Join: ranks with fewer batches
 
 
-def _join_net() -> nn.Module:
-    """_net with its first BatchNorm a subclass (timm's BatchNormAct2d): converted to a generated class."""
+class ScaledBatchNorm2d(nn.BatchNorm2d):
+    """A user's BatchNorm subclass: an attribute and a method of its own, a forward around BatchNorm2d's."""
+
+    def __init__(self, num_features: int, gain: float = 1.5) -> None:
+        super().__init__(num_features)
+        self.gain = gain
+
+    def scale(self) -> float:
+        return self.gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale()
+
+
+class ScaledBatchNorm1d(nn.BatchNorm1d):
+    """The same for BatchNorm1d, whose forward refuses 4-D input (a rank without batches must replay it in 3-D)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) - 0.5
+
+
+def _join_net(subclass: str = "timm") -> nn.Module:
+    """_net with its first BatchNorm a subclass, converted to a generated class: timm's BatchNormAct2d, or
+    (``"user"``) ScaledBatchNorm2d, with a ScaledBatchNorm1d over the flattened pixels at the end."""
+    net = _net()
+    if subclass == "user":
+        scaled = ScaledBatchNorm2d(4)
+        scaled.load_state_dict(net[1].state_dict())
+        net[1] = scaled
+        return nn.Sequential(*net, nn.Flatten(2), ScaledBatchNorm1d(C), nn.Unflatten(2, (4, 4)))
     from timm.layers.norm_act import BatchNormAct2d
 
-    net = _net()
     with_act = BatchNormAct2d(4, act_layer=nn.SiLU)
     with_act.load_state_dict(net[1].state_dict())
     net[1], net[2] = with_act, nn.Identity()
@@ -453,11 +480,12 @@ def _ddp(model: nn.Module, sync_buffers: bool = False) -> nn.Module:
     return DistributedDataParallel(model, **{name: sync_buffers})
 
 
-def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int], initial: bool) -> dict[str, Any]:
+def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int], initial: bool, subclass: str) -> dict[str, Any]:
     """DDP + syncnorm under Join; this rank trains on its slice of the first counts[rank] steps only."""
     from torch.distributed.algorithms.join import Join
 
-    model = syncnorm.convert_model(_join_net())
+    model = syncnorm.convert_model(_join_net(subclass))
+    assert type(model[1]).__name__ == f"Sync{type(_join_net(subclass)[1]).__name__}"  # a generated subclass
     ddp = _ddp(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     steps = []
@@ -470,15 +498,18 @@ def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int], initial: b
             "parameters": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-@pytest.mark.parametrize(("counts", "initial"), [([2, 5], True), ([3, 0, 2], True), ([2, 5], False)],
-                         ids=["W2", "W3-one-rank-without-batches", "W2-gradients-over-active-ranks"])
-def test_ranks_with_fewer_batches_under_join_match_one_process_on_the_batches_that_exist(counts: list[int],
-                                                                                        initial: bool) -> None:
+@pytest.mark.parametrize(("counts", "initial", "subclass"),
+                         [([2, 5], True, "timm"), ([3, 0, 2], True, "timm"), ([2, 5], False, "timm"),
+                          ([2, 5], True, "user"), ([3, 0, 2], True, "user")],
+                         ids=["W2", "W3-one-rank-without-batches", "W2-gradients-over-active-ranks",
+                              "W2-user-subclasses", "W3-user-subclasses-one-rank-without-batches"])
+def test_ranks_with_fewer_batches_under_join_match_one_process_on_the_batches_that_exist(
+        counts: list[int], initial: bool, subclass: str) -> None:
     world = len(counts)
     sizes = [3 + r for r in range(world)]
     batches = _batches(max(counts), sizes, seed=2)
-    per_rank = run_on_ranks(world, rank_join_epoch, batches, counts, initial)
-    reference = _join_net().double()
+    per_rank = run_on_ranks(world, rank_join_epoch, batches, counts, initial, subclass)
+    reference = _join_net(subclass).double()
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     for k, step in enumerate(batches):
         active = [r for r in range(world) if k < counts[r]]
