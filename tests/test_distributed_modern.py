@@ -119,6 +119,35 @@ def test_a_mesh_without_this_rank_is_refused_on_that_rank(ndim: int) -> None:
     assert "syncnorm.convert_model got a DeviceMesh that does not contain this process (global rank 1" in on_rank_1
 
 
+def rank_name_mesh_dimensions() -> dict[str, str]:
+    """What a user gets for a mesh dimension name: from torch's mesh["nope"], and from handing syncnorm a name."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))  # as Lightning's
+    errors = {}
+    cases = {"mesh['nope']": lambda: mesh["nope"],
+             "a name for a mesh": lambda: syncnorm.convert_model(nn.BatchNorm2d(C), "data_parallel")}
+    for case, action in cases.items():
+        try:
+            action()
+            errors[case] = "accepted"
+        except (KeyError, TypeError) as error:
+            errors[case] = f"{type(error).__name__}: {error}"
+    return errors
+
+
+def test_a_mesh_dimension_name_that_does_not_exist_is_torchs_key_error_naming_the_valid_names() -> None:
+    # Nothing of syncnorm takes a dimension name: a user selects the dimension on the mesh, and torch says which
+    # names exist (docs/guides/fsdp.md); a name passed to syncnorm instead of the sub-mesh is refused.
+    for errors in run_on_ranks(2, rank_name_mesh_dimensions):
+        assert errors["mesh['nope']"].startswith("KeyError: ")
+        assert "'nope'" in errors["mesh['nope']"] and "['data_parallel', 'tensor_parallel']" in errors["mesh['nope']"]
+        assert errors["a name for a mesh"] == (
+            "TypeError: syncnorm.convert_model expected process_group to be a torch.distributed ProcessGroup, a "
+            "DeviceMesh or None (the whole world), got the string 'data_parallel'; a mesh dimension's name does not "
+            "say which mesh: pass the sub-mesh, mesh['data_parallel'].")
+
+
 @pytest.mark.parametrize("bad", ["dp", 2, [0, 1]], ids=["str", "int", "list"])
 def test_neither_a_group_nor_a_mesh_is_refused(bad: Any) -> None:
     with pytest.raises(TypeError, match="syncnorm.SyncBatchNorm expected process_group to be a torch.distributed "
