@@ -308,11 +308,15 @@ def test_hsdp_on_a_two_by_two_mesh_pools_all_four_ranks_like_one_process() -> No
 
 class _Blocks(nn.Module):
     """_net's layers as two conv-BatchNorm blocks, each (``checkpointed``) under non-reentrant activation
-    checkpointing: recomputed inside backward, its syncnorm layers synchronise again but must count nothing."""
+    checkpointing: recomputed inside backward, its syncnorm layers synchronise again but must count nothing.
+    The second BatchNorm is a user subclass (ScaledBatchNorm2d), which convert_model turns into a generated class."""
 
     def __init__(self, checkpointed: bool) -> None:
         super().__init__()
         net = _net()
+        scaled = ScaledBatchNorm2d(C)
+        scaled.load_state_dict(net[4].state_dict())
+        net[4] = scaled
         self.blocks = nn.ModuleList([net[0:3], net[3:5]])
         self.checkpointed = checkpointed
 
@@ -331,6 +335,8 @@ def rank_fsdp_checkpointed_steps(batches: list[dict[str, Any]]) -> list[dict[str
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     model = syncnorm.convert_model(_Blocks(checkpointed=True))
+    assert [type(model.blocks[0][1]).__name__, type(model.blocks[1][1]).__name__] == ["SyncBatchNorm",
+                                                                                      "SyncScaledBatchNorm2d"]
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
