@@ -112,6 +112,12 @@ def resolve_group(process_group: GroupOrMesh, who: str) -> Optional[ProcessGroup
                                 or process_group is dist.GroupMember.NON_GROUP_MEMBER):
         # new_group's answer on a rank outside the group is accepted here: the forward names the problem.
         return process_group
+    if isinstance(process_group, str):  # a mesh dimension's name, e.g. Lightning's "data_parallel"
+        raise TypeError(
+            f"{who} expected process_group to be a torch.distributed ProcessGroup, a DeviceMesh or None (the whole "
+            f"world), got the string {process_group!r}; a mesh dimension's name does not say which mesh: pass the "
+            f"sub-mesh, mesh[{process_group!r}]."
+        )
     raise TypeError(
         f"{who} expected process_group to be a torch.distributed ProcessGroup, a DeviceMesh or None (the whole "
         f"world), got {type(process_group).__name__}; pass e.g. dist.new_group(ranks), "

@@ -187,8 +187,12 @@ def _default_call(layer: _BatchNorm, device: torch.device) -> _Call:
     (A layer whose input needs no gradient, on the model's raw input, takes no backward all-reduce on the
     other ranks: such a model needs a first step on every rank, which records the real calls.)
     """
+    # The class it was converted from, or for a generated Sync<Name> class its own original (a subclass of
+    # BatchNorm1d refuses 4-D input in its own forward); a layer built as SyncBatchNorm takes any.
     original: Any = getattr(layer, "_syncnorm_original", None)
-    dim = {nn.BatchNorm1d: 3, nn.BatchNorm3d: 5}.get(original, 4)
+    dim = 4
+    if isinstance(original, type):
+        dim = 3 if issubclass(original, nn.BatchNorm1d) else 5 if issubclass(original, nn.BatchNorm3d) else 4
     weight = getattr(layer, "weight", None)
     dtype = weight.dtype if isinstance(weight, Tensor) else torch.float32
     return _Call(layer, dim, dtype, device, True, isinstance(weight, Tensor) and weight.requires_grad)

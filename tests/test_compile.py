@@ -147,13 +147,18 @@ def _train(model: nn.Module, module: nn.Module, x: torch.Tensor, dy: torch.Tenso
         if step == 0:
             eager_collectives = {"forward": forward_calls, "backward": list(COLLECTIVES.calls)}
         steps.append({"y": y.detach(), "grad_x": inp.grad,
-                      "grads": {n: p.grad.clone() for n, p in module.named_parameters()}})
+                      "grads": {n: _full(p.grad).clone() for n, p in module.named_parameters()}})
     buffers = {n: b.clone() for n, b in module.named_buffers()}
     module.eval()
     with torch.no_grad():
         eval_y = model(my_slice(x[0], SIZES))
     module.train()
     return {"steps": steps, "buffers": buffers, "eval": eval_y, "collectives": eager_collectives}
+
+
+def _full(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient as a plain tensor: the whole of it, gathered from the ranks' shards under fully_shard."""
+    return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
 
 
 def rank_fullgraph_and_eager(kind: str, backend: str, x: torch.Tensor, dy: torch.Tensor,
@@ -446,6 +451,43 @@ def test_ddp_under_compile_trains_like_eager_ddp() -> None:
         # Both layers' all-reduces are inside the compiled graphs (split by DDPOptimizer), training and eval.
         assert forwards == [(9, group)] * 2  # the two-pass merge of a compiled-only layer (syncnorm/_shift.py)
         assert backwards == [(8, group)]
+        assert not any("syncnorm" in reason for reason in report["graph_breaks"]), report["graph_breaks"]
+
+
+def rank_fully_shard(x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
+    """fully_shard (FSDP2, a CPU mesh) around a small converted model, compiled and eager, from the same state."""
+    from torch._dynamo.utils import counters
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch._dynamo.reset()
+    counters.clear()
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    compiled_module = _model("small", synced=True)
+    eager_module = copy.deepcopy(compiled_module)
+    for module in (compiled_module, eager_module):
+        fully_shard(module, mesh=mesh)
+    graphs: dict[str, list[Any]] = {"forward": [], "backward": []}
+    compiled = torch.compile(compiled_module, backend=inspecting_backend(graphs))
+    report = {"compiled": _train(compiled, compiled_module, x, dy, "small"),
+              "eager": _train(eager_module, eager_module, x, dy, "small"),
+              "graphs": graphs, "graph_breaks": dict(counters["graph_break"]),
+              "group_name": torch.distributed.group.WORLD.group_name}
+    torch._dynamo.reset()
+    return report
+
+
+def test_fully_shard_under_compile_trains_like_eager_fully_shard() -> None:
+    x, dy = _data()
+    reports = run_on_ranks(2, rank_fully_shard, x, dy, timeout=COMPILE_TIMEOUT_S)
+    # FSDP averages the parameter gradients as DDP does: the ranks' full gradients sum to the oracle's.
+    _check_against_eager_and_reference(reports, _reference("small", x, dy))
+    for report in reports:
+        group = report["group_name"]
+        # dynamo skips FSDP2's hooks (torch._dynamo.config.skip_fsdp_hooks): they run eagerly, around the graphs,
+        # which hold the syncnorm layer's all-reduces, training and eval, as without FSDP.
+        assert [c for graph in report["graphs"]["forward"] for c in graph] == [(9, group)] * 2
+        assert [c for graph in report["graphs"]["backward"] for c in graph] == [(8, group)]
         assert not any("syncnorm" in reason for reason in report["graph_breaks"]), report["graph_breaks"]
 
 

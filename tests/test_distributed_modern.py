@@ -6,7 +6,7 @@ concatenation of every rank's batch (tests/reference.py), never with syncnorm it
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -119,6 +119,35 @@ def test_a_mesh_without_this_rank_is_refused_on_that_rank(ndim: int) -> None:
     assert "syncnorm.convert_model got a DeviceMesh that does not contain this process (global rank 1" in on_rank_1
 
 
+def rank_name_mesh_dimensions() -> dict[str, str]:
+    """What a user gets for a mesh dimension name: from torch's mesh["nope"], and from handing syncnorm a name."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))  # as Lightning's
+    errors = {}
+    cases = {"mesh['nope']": lambda: mesh["nope"],
+             "a name for a mesh": lambda: syncnorm.convert_model(nn.BatchNorm2d(C), "data_parallel")}
+    for case, action in cases.items():
+        try:
+            action()
+            errors[case] = "accepted"
+        except (KeyError, TypeError) as error:
+            errors[case] = f"{type(error).__name__}: {error}"
+    return errors
+
+
+def test_a_mesh_dimension_name_that_does_not_exist_is_torchs_key_error_naming_the_valid_names() -> None:
+    # Nothing of syncnorm takes a dimension name: a user selects the dimension on the mesh, and torch says which
+    # names exist (docs/guides/fsdp.md); a name passed to syncnorm instead of the sub-mesh is refused.
+    for errors in run_on_ranks(2, rank_name_mesh_dimensions):
+        assert errors["mesh['nope']"].startswith("KeyError: ")
+        assert "'nope'" in errors["mesh['nope']"] and "['data_parallel', 'tensor_parallel']" in errors["mesh['nope']"]
+        assert errors["a name for a mesh"] == (
+            "TypeError: syncnorm.convert_model expected process_group to be a torch.distributed ProcessGroup, a "
+            "DeviceMesh or None (the whole world), got the string 'data_parallel'; a mesh dimension's name does not "
+            "say which mesh: pass the sub-mesh, mesh['data_parallel'].")
+
+
 @pytest.mark.parametrize("bad", ["dp", 2, [0, 1]], ids=["str", "int", "list"])
 def test_neither_a_group_nor_a_mesh_is_refused(bad: Any) -> None:
     with pytest.raises(TypeError, match="syncnorm.SyncBatchNorm expected process_group to be a torch.distributed "
@@ -181,9 +210,10 @@ def rank_fsdp_steps(batches: list[dict[str, Any]], param_dtype: torch.dtype | No
     return reports
 
 
-def _reference_steps(batches: list[dict[str, Any]], dtype: torch.dtype) -> list[dict[str, Any]]:
+def _reference_steps(batches: list[dict[str, Any]], dtype: torch.dtype,
+                     build: Callable[[], nn.Module] = _net) -> list[dict[str, Any]]:
     """torch's own layers in one process, the whole batch, every parameter and buffer in ``dtype``."""
-    net = _net().to(dtype)
+    net = build().to(dtype)
     out = []
     for step in batches:
         x = step["x"].to(dtype).requires_grad_()
@@ -273,6 +303,66 @@ def test_hsdp_on_a_two_by_two_mesh_pools_all_four_ranks_like_one_process() -> No
             for name, buffer in got[0]["buffers"].items():
                 assert torch.equal(r["buffers"][name], buffer), f"step {i} {name} differs between ranks"
         errors = _errors(got, expected)  # HSDP averages gradients over all four ranks
+        assert all(error < 1e-5 for error in errors.values()), f"step {i}: {errors}"
+
+
+class _Blocks(nn.Module):
+    """_net's layers as two conv-BatchNorm blocks, each (``checkpointed``) under non-reentrant activation
+    checkpointing: recomputed inside backward, its syncnorm layers synchronise again but must count nothing.
+    The second BatchNorm is a user subclass (ScaledBatchNorm2d), which convert_model turns into a generated class."""
+
+    def __init__(self, checkpointed: bool) -> None:
+        super().__init__()
+        net = _net()
+        scaled = ScaledBatchNorm2d(C)
+        scaled.load_state_dict(net[4].state_dict())
+        net[4] = scaled
+        self.blocks = nn.ModuleList([net[0:3], net[3:5]])
+        self.checkpointed = checkpointed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
+        return x
+
+
+def rank_fsdp_checkpointed_steps(batches: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """fully_shard of each checkpointed block, then of the root (the usual FSDP2 + activation checkpointing setup)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = syncnorm.convert_model(_Blocks(checkpointed=True))
+    assert [type(model.blocks[0][1]).__name__, type(model.blocks[1][1]).__name__] == ["SyncBatchNorm",
+                                                                                      "SyncScaledBatchNorm2d"]
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    reports = []
+    for step in batches:
+        x = my_slice(step["x"], step["sizes"]).requires_grad_()
+        y = model(x)
+        (y * my_slice(step["dy"], step["sizes"])).sum().backward()
+        reports.append(_report(model, x, y))
+        model.zero_grad(set_to_none=True)
+    return reports
+
+
+def test_activation_checkpointing_under_fully_shard_counts_each_batch_once() -> None:
+    batches = _batches(2, SIZES)
+    per_rank = run_on_ranks(2, rank_fsdp_checkpointed_steps, batches)
+    # torch's own layers, without checkpointing: under it they would count every batch twice.
+    reference = _reference_steps(batches, torch.float64, lambda: _Blocks(checkpointed=False))
+    for i, expected in enumerate(reference):
+        got = [reports[i] for reports in per_rank]
+        for r in got[1:]:
+            for name, buffer in got[0]["buffers"].items():
+                assert torch.equal(r["buffers"][name], buffer), f"step {i} {name} differs between ranks"
+        counts = {n: int(b) for n, b in got[0]["buffers"].items() if n.endswith("num_batches_tracked")}
+        assert counts == {"blocks.0.1.num_batches_tracked": i + 1, "blocks.1.4.num_batches_tracked": i + 1}, counts
+        errors = _errors(got, expected)
         assert all(error < 1e-5 for error in errors.values()), f"step {i}: {errors}"
 
 
@@ -376,11 +466,38 @@ def test_a_dcp_checkpoint_of_fully_shard_on_two_ranks_resumes_in_one_process_and
 # ---------------------------------------------------------------- Join: ranks with fewer batches
 
 
-def _join_net() -> nn.Module:
-    """_net with its first BatchNorm a subclass (timm's BatchNormAct2d): converted to a generated class."""
+class ScaledBatchNorm2d(nn.BatchNorm2d):
+    """A user's BatchNorm subclass: an attribute and a method of its own, a forward around BatchNorm2d's."""
+
+    def __init__(self, num_features: int, gain: float = 1.5) -> None:
+        super().__init__(num_features)
+        self.gain = gain
+
+    def scale(self) -> float:
+        return self.gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale()
+
+
+class ScaledBatchNorm1d(nn.BatchNorm1d):
+    """The same for BatchNorm1d, whose forward refuses 4-D input (a rank without batches must replay it in 3-D)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) - 0.5
+
+
+def _join_net(subclass: str = "timm") -> nn.Module:
+    """_net with its first BatchNorm a subclass, converted to a generated class: timm's BatchNormAct2d, or
+    (``"user"``) ScaledBatchNorm2d, with a ScaledBatchNorm1d over the flattened pixels at the end."""
+    net = _net()
+    if subclass == "user":
+        scaled = ScaledBatchNorm2d(4)
+        scaled.load_state_dict(net[1].state_dict())
+        net[1] = scaled
+        return nn.Sequential(*net, nn.Flatten(2), ScaledBatchNorm1d(C), nn.Unflatten(2, (4, 4)))
     from timm.layers.norm_act import BatchNormAct2d
 
-    net = _net()
     with_act = BatchNormAct2d(4, act_layer=nn.SiLU)
     with_act.load_state_dict(net[1].state_dict())
     net[1], net[2] = with_act, nn.Identity()
@@ -398,11 +515,12 @@ def _ddp(model: nn.Module, sync_buffers: bool = False) -> nn.Module:
     return DistributedDataParallel(model, **{name: sync_buffers})
 
 
-def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int], initial: bool) -> dict[str, Any]:
+def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int], initial: bool, subclass: str) -> dict[str, Any]:
     """DDP + syncnorm under Join; this rank trains on its slice of the first counts[rank] steps only."""
     from torch.distributed.algorithms.join import Join
 
-    model = syncnorm.convert_model(_join_net())
+    model = syncnorm.convert_model(_join_net(subclass))
+    assert type(model[1]).__name__ == f"Sync{type(_join_net(subclass)[1]).__name__}"  # a generated subclass
     ddp = _ddp(model)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
     steps = []
@@ -415,15 +533,18 @@ def rank_join_epoch(batches: list[dict[str, Any]], counts: list[int], initial: b
             "parameters": {n: p.detach().clone() for n, p in model.named_parameters()}}
 
 
-@pytest.mark.parametrize(("counts", "initial"), [([2, 5], True), ([3, 0, 2], True), ([2, 5], False)],
-                         ids=["W2", "W3-one-rank-without-batches", "W2-gradients-over-active-ranks"])
-def test_ranks_with_fewer_batches_under_join_match_one_process_on_the_batches_that_exist(counts: list[int],
-                                                                                        initial: bool) -> None:
+@pytest.mark.parametrize(("counts", "initial", "subclass"),
+                         [([2, 5], True, "timm"), ([3, 0, 2], True, "timm"), ([2, 5], False, "timm"),
+                          ([2, 5], True, "user"), ([3, 0, 2], True, "user")],
+                         ids=["W2", "W3-one-rank-without-batches", "W2-gradients-over-active-ranks",
+                              "W2-user-subclasses", "W3-user-subclasses-one-rank-without-batches"])
+def test_ranks_with_fewer_batches_under_join_match_one_process_on_the_batches_that_exist(
+        counts: list[int], initial: bool, subclass: str) -> None:
     world = len(counts)
     sizes = [3 + r for r in range(world)]
     batches = _batches(max(counts), sizes, seed=2)
-    per_rank = run_on_ranks(world, rank_join_epoch, batches, counts, initial)
-    reference = _join_net().double()
+    per_rank = run_on_ranks(world, rank_join_epoch, batches, counts, initial, subclass)
+    reference = _join_net(subclass).double()
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     for k, step in enumerate(batches):
         active = [r for r in range(world) if k < counts[r]]

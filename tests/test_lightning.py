@@ -15,11 +15,14 @@ from __future__ import annotations
 import pickle
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from distributed import run_on_ranks
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -194,3 +197,53 @@ def test_plugin_is_a_layer_sync_of_every_installed_lightning_package() -> None:
         flavours.append(name)
         assert isinstance(SyncNormLayerSync(), module.LayerSync), name
     assert flavours, "the test extra installs pytorch-lightning"
+
+
+def lightning_mesh() -> Any:
+    """The mesh Lightning's ModelParallelStrategy builds on 2 ranks without tensor parallelism."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+
+
+def data_parallel_mesh() -> Any:
+    """A group factory that returns a 1-D sub-mesh (module-level, so that it pickles)."""
+    return lightning_mesh()["data_parallel"]
+
+
+def rank_plugin_with_a_mesh(factory: bool) -> dict[str, Any]:
+    """On a Gloo rank: the plugin's apply with a mesh (or a factory of one), DDP training as Lightning's DDP
+    strategy runs it on this rank's half of every global batch, then revert."""
+    mesh = None if factory else lightning_mesh()
+    plugin = SyncNormLayerSync(data_parallel_mesh if factory else mesh)
+    net = build_net()
+    plugin.apply(net)
+    norms = [net[1], net[5]]
+    groups = [layer.process_group for layer in norms]
+    assert all(g is groups[0] for g in groups)
+    if factory:
+        assert groups[0] is data_parallel_mesh().get_group()  # the sub-mesh's own group
+    else:
+        assert groups[0] is not None and groups[0] is not dist.group.WORLD  # one group made for the 2-D mesh
+    ranks = dist.get_process_group_ranks(groups[0])
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    optimizer = make_optimizer(ddp.parameters())
+    x, y = make_data()
+    for step in range(STEPS):
+        mine = slice((step * WORLD + dist.get_rank()) * LOCAL_BATCH, (step * WORLD + dist.get_rank() + 1) * LOCAL_BATCH)
+        optimizer.zero_grad()
+        F.mse_loss(ddp(x[mine]), y[mine]).backward()
+        optimizer.step()
+    plugin.revert(net)
+    return {"ranks": ranks, "classes": [type(m) for m in net], "state": net.state_dict()}
+
+
+@pytest.mark.parametrize("factory", [False, True], ids=["2-D-mesh", "factory-of-a-sub-mesh"])
+def test_plugin_with_a_device_mesh_trains_what_one_process_trains_on_the_whole_batch(factory: bool) -> None:
+    reports = run_on_ranks(WORLD, rank_plugin_with_a_mesh, factory)
+    oracle, _ = train_one_process()
+    classes = [type(m) for m in build_net()]
+    for report in reports:
+        assert report["ranks"] == [0, 1]
+        assert report["classes"] == classes
+        assert_close_states(report["state"], oracle.state_dict())
