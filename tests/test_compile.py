@@ -419,20 +419,33 @@ def test_fullgraph_within_process_group_subsets() -> None:
         assert report["graphs"]["backward"] == [[(8, report["pair"])]]
 
 
-def rank_ddp(x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
-    """DDP around a small converted model, compiled (dynamo's DDPOptimizer splits the graph at buckets) and eager."""
+def rank_wrapped(x: torch.Tensor, dy: torch.Tensor, wrapper: str) -> dict[str, Any]:
+    """A small converted model under ``wrapper``, compiled and eager, from the same state.
+
+    ``"ddp"``: DistributedDataParallel (dynamo's DDPOptimizer splits the graph at buckets); ``"fully_shard"``:
+    FSDP2 on a CPU mesh of every rank.
+    """
     from torch._dynamo.utils import counters
-    from torch.nn.parallel import DistributedDataParallel
 
     torch._dynamo.reset()
     counters.clear()
     compiled_module = _model("small", synced=True)
     eager_module = copy.deepcopy(compiled_module)
+    if wrapper == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        compiled_model, eager_model = DistributedDataParallel(compiled_module), DistributedDataParallel(eager_module)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+        compiled_model = fully_shard(compiled_module, mesh=mesh)
+        eager_model = fully_shard(eager_module, mesh=mesh)
     graphs: dict[str, list[Any]] = {"forward": [], "backward": []}
-    compiled = torch.compile(DistributedDataParallel(compiled_module), backend=inspecting_backend(graphs))
-    eager = DistributedDataParallel(eager_module)
+    compiled = torch.compile(compiled_model, backend=inspecting_backend(graphs))
     report = {"compiled": _train(compiled, compiled_module, x, dy, "small"),
-              "eager": _train(eager, eager_module, x, dy, "small"),
+              "eager": _train(eager_model, eager_module, x, dy, "small"),
               "graphs": graphs, "graph_breaks": dict(counters["graph_break"]),
               "group_name": torch.distributed.group.WORLD.group_name}
     torch._dynamo.reset()
@@ -441,7 +454,7 @@ def rank_ddp(x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
 
 def test_ddp_under_compile_trains_like_eager_ddp() -> None:
     x, dy = _data()
-    reports = run_on_ranks(2, rank_ddp, x, dy, timeout=COMPILE_TIMEOUT_S)
+    reports = run_on_ranks(2, rank_wrapped, x, dy, "ddp", timeout=COMPILE_TIMEOUT_S)
     # DDP averages the parameter gradients: each of the W ranks holds sum/W, and their sum is still the oracle's.
     _check_against_eager_and_reference(reports, _reference("small", x, dy))
     for report in reports:
@@ -454,32 +467,9 @@ def test_ddp_under_compile_trains_like_eager_ddp() -> None:
         assert not any("syncnorm" in reason for reason in report["graph_breaks"]), report["graph_breaks"]
 
 
-def rank_fully_shard(x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
-    """fully_shard (FSDP2, a CPU mesh) around a small converted model, compiled and eager, from the same state."""
-    from torch._dynamo.utils import counters
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    torch._dynamo.reset()
-    counters.clear()
-    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
-    compiled_module = _model("small", synced=True)
-    eager_module = copy.deepcopy(compiled_module)
-    for module in (compiled_module, eager_module):
-        fully_shard(module, mesh=mesh)
-    graphs: dict[str, list[Any]] = {"forward": [], "backward": []}
-    compiled = torch.compile(compiled_module, backend=inspecting_backend(graphs))
-    report = {"compiled": _train(compiled, compiled_module, x, dy, "small"),
-              "eager": _train(eager_module, eager_module, x, dy, "small"),
-              "graphs": graphs, "graph_breaks": dict(counters["graph_break"]),
-              "group_name": torch.distributed.group.WORLD.group_name}
-    torch._dynamo.reset()
-    return report
-
-
 def test_fully_shard_under_compile_trains_like_eager_fully_shard() -> None:
     x, dy = _data()
-    reports = run_on_ranks(2, rank_fully_shard, x, dy, timeout=COMPILE_TIMEOUT_S)
+    reports = run_on_ranks(2, rank_wrapped, x, dy, "fully_shard", timeout=COMPILE_TIMEOUT_S)
     # FSDP averages the parameter gradients as DDP does: the ranks' full gradients sum to the oracle's.
     _check_against_eager_and_reference(reports, _reference("small", x, dy))
     for report in reports:
