@@ -447,7 +447,8 @@ def rank_wrapped(x: torch.Tensor, dy: torch.Tensor, wrapper: str) -> dict[str, A
     report = {"compiled": _train(compiled, compiled_module, x, dy, "small"),
               "eager": _train(eager_model, eager_module, x, dy, "small"),
               "graphs": graphs, "graph_breaks": dict(counters["graph_break"]),
-              "group_name": torch.distributed.group.WORLD.group_name}
+              "group_name": torch.distributed.group.WORLD.group_name,
+              "classes": [type(compiled_model).__name__, type(eager_model).__name__]}
     torch._dynamo.reset()
     return report
 
@@ -474,6 +475,7 @@ def test_fully_shard_under_compile_trains_like_eager_fully_shard() -> None:
     _check_against_eager_and_reference(reports, _reference("small", x, dy))
     for report in reports:
         group = report["group_name"]
+        assert all(name.startswith("FSDP") for name in report["classes"]), report["classes"]  # fully_shard's class
         # dynamo skips FSDP2's hooks (torch._dynamo.config.skip_fsdp_hooks): they run eagerly, around the graphs,
         # which hold the syncnorm layer's all-reduces, training and eval, as without FSDP.
         assert [c for graph in report["graphs"]["forward"] for c in graph] == [(9, group)] * 2
