@@ -80,10 +80,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     return loss.detach()
 
 
-def make_twins(device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """The same converted model twice (same initial weights): one to capture, one to run eagerly."""
+def make_twins(device: torch.device, fused_activation: bool = False) -> tuple[nn.Module, nn.Module]:
+    """The same converted model twice (same initial weights): one to capture, one to run eagerly.
+
+    ``fused_activation``: the ReLUs are leaky and fused into ``syncnorm.SyncBatchNormAct`` layers, which keep
+    their whole input while a graph is captured and choose the channels to keep (a host read) in eager steps.
+    """
     torch.manual_seed(0)
-    model = syncnorm.convert_model(small_net()).to(device)
+    net = small_net()
+    if fused_activation:
+        net = nn.Sequential(*(nn.LeakyReLU(0.1) if isinstance(m, nn.ReLU) else m for m in net))
+    model = syncnorm.convert_model(net, fuse_activation=fused_activation).to(device)
+    if fused_activation:
+        assert sum(isinstance(m, syncnorm.SyncBatchNormAct) for m in model.modules()) == 2
     return model, copy.deepcopy(model)
 
 
@@ -168,9 +177,11 @@ def issuing(monkeypatch: pytest.MonkeyPatch, nccl_group: dist.ProcessGroup) -> l
     return calls
 
 
-def test_captured_training_step_replays_as_eager_with_a_1_rank_nccl_group(issuing: list[str]) -> None:
+@pytest.mark.parametrize("fused_activation", [False, True], ids=["batchnorm", "batchnorm-act"])
+def test_captured_training_step_replays_as_eager_with_a_1_rank_nccl_group(issuing: list[str],
+                                                                          fused_activation: bool) -> None:
     device = torch.device("cuda", 0)
-    graphed, eager = make_twins(device)
+    graphed, eager = make_twins(device, fused_activation)
     n = 6
     data = batches(n, WARMUP + STEPS, seed=1)
     optimizer = torch.optim.SGD(graphed.parameters(), lr=0.1, momentum=0.9)
