@@ -18,10 +18,10 @@ backend       kernels                                                           
 the default. ``fused`` needs the four kernels for the input's device (CUDA has them; on CPU the
 tests register stand-ins, tests/fused_cpu.py).
 
-Around the all-reduce both backends do the same per-channel work: pack the local moments about the
-layer's candidate shifts (``_stats.pack_moments``, ``_shift``), and from the summed buffer compute every
-per-channel value of the step (``finish_statistics``: ``_stats.finish_statistics``, the running
-statistics and the next candidates). Where Triton
+Around the all-reduce both backends do the same per-channel work: pack the local moments about a
+shift common to all ranks (``_stats.pack_moments``: zero, or the global mean for float64 input), and
+from the summed buffer compute every per-channel value of the step (``finish_statistics``:
+``_stats.finish_statistics`` and the running statistics). Where Triton
 runs (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``) each side is one kernel (``_triton``), else
 ~5 and ~20 aten ops. Per training step, ops dispatched (tests/test_op_counts.py asserts them):
 
@@ -83,17 +83,17 @@ class Backend(NamedTuple):
     name: str
     # this rank's moments of x (the second argument: a scratch buffer laid out like x, or None)
     local_moments: Callable[[Tensor, Optional[Tensor]], _stats.LocalMoments]
-    # the float64 buffer of those moments about K candidate shifts (K, C), or about zero (None)
+    # the float64 buffer of those moments about a common shift (C,), or about zero (None)
     pack: Callable[[_stats.LocalMoments, Optional[Tensor]], Tensor]
     normalize: Callable[[Tensor, _stats.LocalMoments, _stats.PerChannel, Optional[Tensor]], Tensor]
     backward_reduce: Callable[[Tensor, Tensor, Saved], tuple[Tensor, Tensor]]
     backward_elemt: Callable[[Tensor, Tensor, Saved, Tensor], Tensor]
 
 
-def _native_pack(local: _stats.LocalMoments, shifts: Optional[Tensor]) -> Tensor:
+def _native_pack(local: _stats.LocalMoments, shift: Optional[Tensor]) -> Tensor:
     if _triton.usable(local.shift.device):
-        return _triton.pack_moments(local, shifts)
-    return _stats.pack_moments(local, shifts)
+        return _triton.pack_moments(local, shift)
+    return _stats.pack_moments(local, shift)
 
 
 def _native_normalize(x: Tensor, local: _stats.LocalMoments, stats: _stats.PerChannel,
@@ -139,11 +139,11 @@ def _fused_local_moments(x: Tensor, scratch: Optional[Tensor]) -> _stats.LocalMo
     return _stats.LocalMoments(count, mean, sum_dev, sum_sq_dev, None)
 
 
-def _fused_pack(local: _stats.LocalMoments, shifts: Optional[Tensor]) -> Tensor:
+def _fused_pack(local: _stats.LocalMoments, shift: Optional[Tensor]) -> Tensor:
     if local.welford:
-        return _triton.pack_welford_moments(local.shift, local.sum_dev, local.sum_sq_dev, local.num_values, shifts,
+        return _triton.pack_welford_moments(local.shift, local.sum_dev, local.sum_sq_dev, local.num_values, shift,
                                             _TINY_EPS)
-    return _stats.pack_moments(local, shifts)
+    return _stats.pack_moments(local, shift)
 
 
 def _fused_normalize(x: Tensor, local: _stats.LocalMoments, stats: _stats.PerChannel,
@@ -175,28 +175,26 @@ FUSED = Backend("fused", _fused_local_moments, _fused_pack, _fused_normalize, _f
 
 
 def finish_statistics(
-    backend: Backend, summed: Tensor, local: _stats.LocalMoments, shifts: Optional[Tensor], weight: Optional[Tensor],
+    backend: Backend, summed: Tensor, local: _stats.LocalMoments, shift: Optional[Tensor], weight: Optional[Tensor],
     bias: Optional[Tensor], eps: float, dtype: torch.dtype, running_mean: Optional[Tensor],
-    running_var: Optional[Tensor], momentum: float, next_shifts: Optional[Tensor], triton: bool = True,
-    guard_empty: bool = False,
+    running_var: Optional[Tensor], momentum: float, triton: bool = True, guard_empty: bool = False,
 ) -> _stats.PerChannel:
-    """The step's per-channel values from the summed buffer; updates the running statistics and the candidates.
+    """The step's per-channel values from the summed buffer; updates the running statistics.
 
-    ``shifts``: the candidate shifts the buffer was packed about (``_stats.finish_statistics``);
+    ``shift``: the shift the buffer was packed about (``_stats.finish_statistics``);
     ``running_mean``/``running_var`` None: no update (also when the global batch is empty);
-    ``next_shifts``: where the next candidates go (None: nowhere); ``guard_empty``: the global count may be
-    zero and cannot be read on the host (CUDA graph capture): the running statistics keep their values
-    then (the Triton kernel always guards; the candidates keep theirs anyway, the mean being NaN). One
-    Triton kernel where it runs (``triton`` False: always aten, e.g. while dynamo traces), else
-    ``_stats``' aten ops.
+    ``guard_empty``: the global count may be zero and cannot be read on the host (CUDA graph capture):
+    the running statistics keep their values then (the Triton kernel always guards). One Triton
+    kernel where it runs (``triton`` False: always aten, e.g. while dynamo traces), else ``_stats``'
+    aten ops.
     """
     native = backend is NATIVE
     about = local.shift if native else None
     if triton and _triton.usable(summed.device):
-        return _triton.finish_statistics(summed, shifts, about, weight, bias, eps, dtype, running_mean, running_var,
-                                         momentum, next_shifts, local.shift.numel())
-    stats = _stats.finish_statistics(summed, shifts, about, weight, bias, eps, dtype,
-                                     coefficients=native, int_count=not native, next_shifts=next_shifts)
+        return _triton.finish_statistics(summed, shift, about, weight, bias, eps, dtype, running_mean, running_var,
+                                         momentum, local.shift.numel())
+    stats = _stats.finish_statistics(summed, shift, about, weight, bias, eps, dtype,
+                                     coefficients=native, int_count=not native)
     if running_mean is not None and running_var is not None:
         _stats.update_running_statistics(running_mean, running_var, stats, momentum, guard_empty=guard_empty)
     return stats

@@ -96,8 +96,8 @@ def resolve_group(process_group: GroupOrMesh, who: str) -> Optional[ProcessGroup
 
     A ProcessGroup and None are returned as they are. A 1-D DeviceMesh (``mesh["dp"]`` of a larger one
     too) gives its own group; an N-D DeviceMesh gives one group spanning all of its ranks, created once
-    per mesh and cached, so every call for a mesh returns the SAME object (the merge cache, ``_shift``,
-    is keyed on the group object: a new object at every step would cost a second all-reduce per step).
+    per mesh and cached, so every call for a mesh returns the SAME object (a new group at every step
+    would create a communicator at every step).
 
     Creating the group of an N-D mesh is collective over the whole world: every rank must resolve the
     same meshes in the same order (building, converting or ``update_bn_stats``, which run on every rank

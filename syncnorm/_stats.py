@@ -1,16 +1,18 @@
-"""Per-channel moments of one rank's batch, and their exact merge across ranks.
+"""Per-channel moments of one rank's batch, and their merge across ranks.
 
 Pure tensor math: nothing here talks to other processes. ``_comm`` sums the packed buffer
 across ranks; this module makes that sum mean the right thing.
 
 Every rank sends ``(n, sum (x - s), sum (x - s)^2)`` in float64 about a shift ``s`` that is the
-SAME on every rank (``_shift``: the layer's cached candidates, or, when that cache is unknown, the
-global mean of a first pass about zero). The sums come from each rank's stable local moments about
-its own shift ``c`` (deviations ``x - c`` summed in the statistics dtype, so a large mean does not
-swamp a small variance inside one rank), moved to ``s`` in float64. The merged variance then carries
-a rounding error of about ``1e-16 * ((mean - s) / std)^2``: float64 accuracy while ``s`` is near the
-mean. Summing raw ``x`` and ``x^2`` in float32, as naive synchronised BatchNorms do, returns noise for
-``|mean| >> std``.
+SAME on every rank: zero for float32, float16 and bfloat16 input, and for float64 input the global
+mean, found by a first all-reduce of ``(n, sum x)`` (``_function.merged_statistics``). The sums come
+from each rank's stable local moments about its own shift ``c`` (deviations ``x - c`` summed in the
+statistics dtype, so a large mean does not swamp a small variance inside one rank), moved to ``s``
+in float64. The merged variance then carries a rounding error of about ``1e-16 * ((mean - s) / std)^2``:
+about zero that is below float32's own error (about ``1e-7 * mean / std``) for any data float32 can
+represent meaningfully (mean/std below ~5e8), and about the global mean it is float64's rounding.
+Nothing is kept between steps. Summing raw ``x`` and ``x^2`` in float32, as naive synchronised
+BatchNorms do, returns noise for ``|mean| >> std``.
 """
 
 from __future__ import annotations
@@ -111,39 +113,36 @@ def local_moments(x: Tensor, scratch: Optional[Tensor] = None) -> LocalMoments:
     return LocalMoments(count, shift, sum_dev, sum_sq_dev, deviations, zeros)
 
 
-def pack_moments(local: LocalMoments, shifts: Optional[Tensor] = None) -> Tensor:
-    """One float64 buffer whose sum over ranks merges every rank's moments about each of K common shifts.
+def pack_moments(local: LocalMoments, shift: Optional[Tensor] = None) -> Tensor:
+    """One float64 buffer whose sum over ranks merges every rank's moments about a common shift.
 
-    ``shifts`` is float64 ``(K, C)`` (or ``(C,)``, K = 1), the same on every rank; None: about zero.
-    The buffer is ``[n, sum (x - s_k) (K x C), sum (x - s_k)^2 (K x C)]``: 2KC + 1 values, a size that
-    depends on the channel count only, never on the number of ranks. Five small ops (a per-channel
-    kernel does it in one where Triton runs: ``_triton.pack_moments``).
+    ``shift`` is float64 ``(C,)``, the same on every rank; None: about zero. The buffer is
+    ``[n, sum (x - s) (C), sum (x - s)^2 (C)]``: 2C + 1 values, a size that depends on the channel
+    count only, never on the number of ranks. Five small ops (a per-channel kernel does it in one
+    where Triton runs: ``_triton.pack_moments``).
     """
     channels = local.shift.numel()
     n = local.num_values
-    # delta = c - s is small once s is near the mean, so the float64 terms below are small too; every
-    # op below has a float64 operand, so the float32 sums are upcast exactly and summed in float64.
-    delta = local.shift.double().view(1, channels) if shifts is None else local.shift - shifts.view(-1, channels)
-    rows = delta.shape[0]
-    packed = torch.empty(1 + 2 * rows * channels, dtype=torch.float64, device=delta.device)
+    # delta = c - s; every op below has a float64 operand, so the float32 sums are upcast exactly and
+    # summed in float64.
+    delta = local.shift.double() if shift is None else local.shift - shift
+    packed = torch.empty(1 + 2 * channels, dtype=torch.float64, device=delta.device)
     packed[:1].fill_(n)
-    sum_dev = torch.add(local.sum_dev, delta, alpha=n, out=packed[1 : 1 + rows * channels].view(rows, channels))
+    sum_dev = torch.add(local.sum_dev, delta, alpha=n, out=packed[1 : 1 + channels])
     # sum (x-s)^2 = sum (x-c)^2 + 2 delta sum (x-c) + n delta^2 = sum (x-c)^2 + delta (sum (x-c) + sum (x-s))
-    squares = packed[1 + rows * channels :].view(rows, channels)
-    torch.addcmul(local.sum_sq_dev, delta, sum_dev + local.sum_dev, out=squares)
+    torch.addcmul(local.sum_sq_dev, delta, sum_dev + local.sum_dev, out=packed[1 + channels :])
     return packed
 
 
-def global_mean_shift(summed: Tensor) -> Tensor:
-    """The global mean from a rank-summed ``pack_moments`` buffer about zero, as a ``(1, C)`` shift for a second pass.
+def global_mean(summed: Tensor) -> Tensor:
+    """The global mean ``(C,)`` from the rank-summed ``[n, sum x]`` head of a ``pack_moments`` buffer about zero.
 
-    A step whose cache is unknown sums about this instead of a cached shift: it is the exact mean to a
-    few float64 ulps, so the sums about it lose nothing to cancellation. A non-finite mean (NaN data,
-    an empty global batch) becomes zero, so the second pass stays finite wherever the data are.
+    float64 input sums about this in a second all-reduce: it is the exact mean to a few float64 ulps,
+    so those sums lose nothing to cancellation. A non-finite mean (NaN data, an empty global batch)
+    becomes zero, so the second pass stays finite wherever the data are.
     """
-    channels = (summed.numel() - 1) // 2
-    mean = summed[1 : 1 + channels] / summed[0]
-    return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0).view(1, channels)
+    mean = summed[1:] / summed[0]
+    return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def unpack_moments(summed: Tensor, shift: Optional[Tensor] = None) -> GlobalMoments:
@@ -187,48 +186,26 @@ class PerChannel(NamedTuple):
 
 
 def finish_statistics(
-    summed: Tensor, shifts: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
+    summed: Tensor, shift: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
     bias: Optional[Tensor], eps: float, dtype: torch.dtype, *, coefficients: bool, int_count: bool,
-    next_shifts: Optional[Tensor] = None,
 ) -> PerChannel:
-    """Every per-channel value of the step from the rank-summed buffer of ``pack_moments`` (same ``shifts``).
+    """Every per-channel value of the step from the rank-summed buffer of ``pack_moments`` (same ``shift``).
 
-    ``shifts``: the K candidate shifts ``(K, C)`` the buffer was packed about (None: zero). With two,
-    each channel takes the sums about the candidate nearer this step's mean (the smaller ``|sum (x -
-    s)|``): they lost the least to cancellation (``_shift``). ``about`` is the per-channel point the
-    normalisation measures from (the native kernels' local shift ``c``); None: the rounded global mean
-    itself (the fused kernels). Only the global mean and variance need float64 (they come from a
-    difference of large sums); everything after is a product or quotient, exact to a few float32
-    ulps. ``coefficients``: also the native backward's factors; ``int_count``: also the fused
-    backward's int32 count. ``next_shifts`` (float64 ``(2, C)``, may be ``shifts`` itself): receives
-    the next step's candidates, ``[this mean where finite (else the first candidate), the chosen one]``.
-    With a global count of zero the values are NaN; callers check the count first.
+    ``shift``: the ``(C,)`` shift the buffer was packed about (None: zero). ``about`` is the
+    per-channel point the normalisation measures from (the native kernels' local shift ``c``); None:
+    the rounded global mean itself (the fused kernels). Only the global mean and variance need
+    float64 (they come from a difference of large sums); everything after is a product or quotient,
+    exact to a few float32 ulps. ``coefficients``: also the native backward's factors; ``int_count``:
+    also the fused backward's int32 count. With a global count of zero the values are NaN; callers
+    check the count first.
     """
-    channels = (summed.numel() - 1) // 2 if shifts is None else shifts.shape[-1]
-    rows = (summed.numel() - 1) // (2 * channels)
+    channels = (summed.numel() - 1) // 2
     num_values = summed[0]
-    moments = summed[1:].view(2, rows, channels) / num_values
-    mean_dev, var_rows = moments
-    var_rows.addcmul_(mean_dev, mean_dev, value=-1)
-    if shifts is None:
-        chosen: Optional[Tensor] = None
-        mean, var = mean_dev[0], var_rows[0]
-    elif rows == 1:
-        chosen = shifts.view(channels)
-        mean, var = mean_dev[0] + chosen, var_rows[0]
-    else:
-        # [mean - s, var, s] about each candidate; per channel, the one whose |mean - s| is smaller.
-        table = torch.cat([moments, shifts.view(1, rows, channels)])
-        distance = mean_dev.abs()
-        mean_dev_c, var, chosen = torch.where(distance[1] < distance[0], table[:, 1], table[:, 0])
-        mean = mean_dev_c + chosen
+    moments = summed[1:].view(2, channels) / num_values
+    mean_dev, var = moments
     # Rounding can push a zero variance a hair below zero; a variance is never negative.
-    var = var.clamp(min=0)
-    if next_shifts is not None:
-        fallback = torch.zeros_like(mean) if shifts is None else shifts.view(-1, channels)[0]
-        # mean - mean is 0 exactly where the mean is finite (NaN for NaN and for +-inf).
-        torch.where((mean - mean) == 0, mean, fallback, out=next_shifts[0])
-        next_shifts[1].copy_(fallback if chosen is None else chosen)
+    var = var.addcmul_(mean_dev, mean_dev, value=-1).clamp_(min=0)
+    mean = mean_dev if shift is None else mean_dev + shift
     moments = torch.stack([mean, var])
     mean_s, var_s = moments.to(dtype)
     if about is None:

@@ -3,7 +3,7 @@
 Used only while dynamo traces (``torch.compiler.is_compiling()``); eager code never comes here, so
 eager op counts and speed are those of ``_function.SyncBatchNormFunction``. The math is the eager
 Function's own, shared with it: ``_function.merged_statistics`` (the backend's local moments and
-their packed float64 sums about the layer's candidate shifts), ``_backends.finish_statistics`` (aten ops here),
+their packed float64 sums), ``_backends.finish_statistics`` (aten ops here),
 ``_function.saved_for_backward`` and ``_function.backward_gradients``, with the backend ``_backends.choose`` picks
 (``SYNCNORM_KERNELS``). What differs is only what dynamo needs:
 
@@ -17,8 +17,7 @@ their packed float64 sums about the layer's candidate shifts), ``_backends.finis
 - no side effects inside the Function: it returns the global count, mean and variance as
   non-differentiable outputs, and the running statistics are updated by in-place ops on the
   buffers after it (AOTAutograd functionalises them and writes them back at the end of the graph);
-  the momentum may be a 0-dim tensor (``momentum=None``: ``1 / num_batches_tracked`` without ``.item()``);
-- the merge cache (``_shift``) is read, not updated (``sync_batch_norm`` says why).
+  the momentum may be a 0-dim tensor (``momentum=None``: ``1 / num_batches_tracked`` without ``.item()``).
 
 ``SyncBatchNormAct`` traces the same way (``sync_batch_norm_act``), with ``activation.backward_gradients``
 as its backward; its data-dependent choice of the channels that keep their input is the custom op
@@ -86,23 +85,22 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
         x: Tensor,
         weight: Optional[Tensor],
         bias: Optional[Tensor],
-        shifts: Optional[Tensor],
         eps: float,
         group_name: Optional[str],
         layer: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         backend = _backends.choose(x, _missing_fused_ops)
         x = _kernels.keep_layout(x)
-        local, summed, shifts = _function.merged_statistics(
-            x, backend, shifts, lambda packed: _all_reduce_sum(packed, group_name)
+        local, summed, shift = _function.merged_statistics(
+            x, backend, lambda packed: _all_reduce_sum(packed, group_name)
         )
         if _stats.values_per_channel(x) <= 1:
             # A static fact of this rank's shape: the other ranks may have more values, so the check is
             # on the global count (every rank checks the same summed value, so all raise or none does).
             summed = _checked_global_count(summed, str(x.size()), layer)
         # aten ops only (inductor fuses them), no state written inside the Function.
-        stats = _backends.finish_statistics(backend, summed, local, shifts, weight, bias, eps,
-                                            _stats.statistics_dtype(x), None, None, 0.0, None, triton=False)
+        stats = _backends.finish_statistics(backend, summed, local, shift, weight, bias, eps,
+                                            _stats.statistics_dtype(x), None, None, 0.0, triton=False)
         assert stats.moments is not None
         saved = _function.saved_for_backward(x, stats, local, weight)
         output = backend.normalize(x, local, stats, weight)
@@ -123,7 +121,7 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
             ctx.needs_input_grad[:3], lambda sums: _all_reduce_sum(sums, ctx.group_name),
         )
         weight_dtype, bias_dtype = ctx.param_dtypes
-        return grad_x, _to(grad_weight, weight_dtype), _to(grad_bias, bias_dtype), None, None, None, None
+        return grad_x, _to(grad_weight, weight_dtype), _to(grad_bias, bias_dtype), None, None, None
 
 
 def _to(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
@@ -139,23 +137,14 @@ def sync_batch_norm(
     momentum: Momentum,
     eps: float,
     group_name: Optional[str],
-    shifts: Optional[Tensor] = None,
     layer: str = "syncnorm.sync_batch_norm",
 ) -> Tensor:
     """Training-mode batch norm over the group ``group_name`` (None: this rank alone), traceable whole.
 
-    ``shifts``: the layer's cached candidate shifts (``_shift.known_shifts``), or None when the cache is
-    unknown: the graph then takes two all-reduces (the global mean, then the sums about it), exact
-    whatever the data. Unlike the eager Function, this path only reads the cache and never writes the
-    next candidates: a graph input that is overwritten in place must not be needed by the compiled
-    backward, and it is, by a checkpointed layer's recomputed forward (AOTAutograd then refuses the
-    backward: "modified by an inplace operation"); with inductor, the compiled backward gave wrong
-    input gradients (observed on torch 2.14 with tests/test_compile.py when the shift was updated in
-    place here). So a compiled layer merges about the candidates its eager training steps left, with
-    one all-reduce, or, where none did, takes two all-reduces at every step.
+    The same collectives as the eager Function: one all-reduce of ``2C + 1`` values, two for float64 input.
     """
     output, count, mean, var = TraceableSyncBatchNormFunction.apply(
-        input, weight, bias, shifts, eps, group_name, layer)
+        input, weight, bias, eps, group_name, layer)
     local_count = _stats.values_per_channel(input)
     if running_mean is not None and running_var is not None:
         _update_running_stats(running_mean, running_var, count, mean, var, momentum, local_count)
@@ -217,7 +206,6 @@ class TraceableSyncBatchNormActFunction(torch.autograd.Function):
         x: Tensor,
         weight: Optional[Tensor],
         bias: Optional[Tensor],
-        shifts: Optional[Tensor],
         eps: float,
         group_name: Optional[str],
         layer: str,
@@ -230,14 +218,14 @@ class TraceableSyncBatchNormActFunction(torch.autograd.Function):
 
         backend = _backends.choose(x, _missing_fused_ops)
         x = _kernels.keep_layout(x)
-        local, summed, shifts = _function.merged_statistics(
-            x, backend, shifts, lambda packed: _all_reduce_sum(packed, group_name)
+        local, summed, shift = _function.merged_statistics(
+            x, backend, lambda packed: _all_reduce_sum(packed, group_name)
         )
         if _stats.values_per_channel(x) <= 1:  # as TraceableSyncBatchNormFunction
             summed = _checked_global_count(summed, str(x.size()), layer)
         stats_dtype = _stats.statistics_dtype(x)
-        stats = _backends.finish_statistics(backend, summed, local, shifts, weight, bias, eps, stats_dtype,
-                                            None, None, 0.0, None, triton=False)
+        stats = _backends.finish_statistics(backend, summed, local, shift, weight, bias, eps, stats_dtype,
+                                            None, None, 0.0, triton=False)
         function = act._Activation(activation, negative_slope, alpha)
         y = function.forward_(backend.normalize(x, local, stats, weight))
         fallback = kept = None
@@ -273,7 +261,7 @@ class TraceableSyncBatchNormActFunction(torch.autograd.Function):
         )
         weight_dtype, bias_dtype = ctx.param_dtypes
         return (None if grad_x is None else grad_x.to(ctx.input_dtype), _to(grad_weight, weight_dtype),
-                _to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None)
+                _to(grad_bias, bias_dtype), None, None, None, None, None, None, None)
 
 
 def sync_batch_norm_act(
@@ -285,7 +273,6 @@ def sync_batch_norm_act(
     momentum: Momentum,
     eps: float,
     group_name: Optional[str],
-    shifts: Optional[Tensor],
     layer: str,
     activation: str,
     negative_slope: float,
@@ -294,11 +281,10 @@ def sync_batch_norm_act(
 ) -> Tensor:
     """``sync_batch_norm`` followed by ``SyncBatchNormAct``'s activation, keeping its output (traceable whole).
 
-    ``keep``: whether a backward may follow (choose the channels that keep their input); the merge cache
-    is read, never written, as in ``sync_batch_norm``.
+    ``keep``: whether a backward may follow (choose the channels that keep their input).
     """
     output, count, mean, var, *_ = TraceableSyncBatchNormActFunction.apply(
-        input, weight, bias, shifts, eps, group_name, layer, activation, negative_slope, alpha, keep)
+        input, weight, bias, eps, group_name, layer, activation, negative_slope, alpha, keep)
     if running_mean is not None and running_var is not None:
         _update_running_stats(running_mean, running_var, count, mean, var, momentum, _stats.values_per_channel(input))
     return output

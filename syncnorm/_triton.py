@@ -1,9 +1,9 @@
 """The per-channel prologue and epilogue of a training step as one Triton kernel each.
 
 Between the heavy kernels (local statistics, normalisation) a step does ~25 small per-channel
-operations: pack the local moments about the layer's candidate shifts (``_shift``) into the float64
-buffer, and after the all-reduce turn the summed buffer into the mean, invstd, the normalisation and
-backward coefficients, the running statistics and the next candidates (``_stats.pack_moments`` and
+operations: pack the local moments about a shift common to all ranks into the float64 buffer, and
+after the all-reduce turn the summed buffer into the mean, invstd, the normalisation and backward
+coefficients and the running statistics (``_stats.pack_moments`` and
 ``_stats.finish_statistics`` with aten ops: one launch each on a GPU). Here each side is ONE kernel.
 An eager step launches it directly; torch.compile traces it as a ``torch.library`` custom op
 (``syncnorm::pack_moments``, ``syncnorm::pack_welford_moments``, ``syncnorm::finish_statistics``), with a
@@ -60,7 +60,7 @@ def _kernels(interpret: bool) -> Any:
     # Scalars are never specialised: Triton would turn a count or channel number of 1 into a constant.
     @triton.jit(do_not_specialize=["n", "tiny_eps_bits", "channels"])
     def pack_kernel(shift_ptr, a_ptr, b_ptr, common_ptr, out_ptr, n, tiny_eps_bits, channels,
-                    WELFORD: tl.constexpr, HAS_COMMON: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                    WELFORD: tl.constexpr, HAS_COMMON: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < channels
@@ -79,45 +79,31 @@ def _kernels(interpret: bool) -> Any:
         else:
             sum_dev = a
             sum_sq_dev = b
-        # One row of sums per candidate shift (the K rows of common, (K, C)): [n, moved (K x C), squares (K x C)].
-        for row in tl.static_range(ROWS):
-            delta = c
-            if HAS_COMMON:
-                delta = c - tl.load(common_ptr + row * channels + offs, mask=mask, other=0.0)
-            moved = sum_dev + nf * delta
-            tl.store(out_ptr + 1 + row * channels + offs, moved, mask=mask)
-            tl.store(out_ptr + 1 + (ROWS + row) * channels + offs, sum_sq_dev + delta * (sum_dev + moved), mask=mask)
+        # The sums about the common shift (zero without one): [n, moved (C), squares (C)].
+        delta = c
+        if HAS_COMMON:
+            delta = c - tl.load(common_ptr + offs, mask=mask, other=0.0)
+        moved = sum_dev + nf * delta
+        tl.store(out_ptr + 1 + offs, moved, mask=mask)
+        tl.store(out_ptr + 1 + channels + offs, sum_sq_dev + delta * (sum_dev + moved), mask=mask)
         if pid == 0:
             tl.store(out_ptr, nf)
 
     @triton.jit(do_not_specialize=["momentum_bits", "eps_bits", "channels"])
     def finish_kernel(summed_ptr, shift_ptr, about_ptr, weight_ptr, bias_ptr, rm_ptr, rv_ptr, out_ptr, count_ptr,
-                      next_ptr, momentum_bits, eps_bits, channels,
-                      HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, HAS_ABOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr, UPDATE_SHIFT: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      momentum_bits, eps_bits, channels,
+                      HAS_SHIFT: tl.constexpr, HAS_ABOUT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, UPDATE_RUNNING: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < channels
         eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True)
         n = tl.load(summed_ptr)
         mean = tl.load(summed_ptr + 1 + offs, mask=mask, other=0.0) / n
-        var = tl.load(summed_ptr + 1 + ROWS * channels + offs, mask=mask, other=0.0) / n - mean * mean
-        shift = tl.full([BLOCK], 0.0, tl.float64)
-        if HAS_SHIFT:
-            shift = tl.load(shift_ptr + offs, mask=mask, other=0.0)
-        first = shift
-        if ROWS == 2:
-            # Per channel, the candidate nearer this step's mean (its sums lost the least to cancellation).
-            mean_b = tl.load(summed_ptr + 1 + channels + offs, mask=mask, other=0.0) / n
-            var_b = tl.load(summed_ptr + 1 + 3 * channels + offs, mask=mask, other=0.0) / n - mean_b * mean_b
-            shift_b = tl.load(shift_ptr + channels + offs, mask=mask, other=0.0)
-            nearer = tl.abs(mean_b) < tl.abs(mean)
-            mean = tl.where(nearer, mean_b, mean)
-            var = tl.where(nearer, var_b, var)
-            shift = tl.where(nearer, shift_b, shift)
+        var = tl.load(summed_ptr + 1 + channels + offs, mask=mask, other=0.0) / n - mean * mean
         var = tl.where(var < 0.0, 0.0, var)  # not tl.maximum, which turns NaN into 0
-        mean += shift
+        if HAS_SHIFT:
+            mean += tl.load(shift_ptr + offs, mask=mask, other=0.0)
         mean_s = mean.to(out_ptr.dtype.element_ty)
         residual = mean - mean_s.to(tl.float64)
         invstd = 1.0 / tl.sqrt(var + eps)
@@ -153,11 +139,6 @@ def _kernels(interpret: bool) -> Any:
             new_var = tl.where(keep, running_var + momentum * (unbiased - running_var), running_var)
             tl.store(rm_ptr + offs, new_mean.to(rm_ptr.dtype.element_ty), mask=mask)
             tl.store(rv_ptr + offs, new_var.to(rv_ptr.dtype.element_ty), mask=mask)
-        if UPDATE_SHIFT:
-            # Next candidates (_shift): this mean where finite (NaN and inf fail the bound), and the chosen one.
-            finite = tl.abs(mean) <= 1.7976931348623157e308
-            tl.store(next_ptr + offs, tl.where(finite, mean, first), mask=mask)
-            tl.store(next_ptr + channels + offs, shift, mask=mask)
         if pid == 0:
             tl.store(count_ptr, n.to(tl.int32))
 
@@ -180,11 +161,10 @@ def _block_and_grid(channels: int) -> tuple[int, tuple[int]]:
 def _pack(shift: Tensor, a: Tensor, b: Tensor, num_values: int, common: Optional[Tensor], welford: bool,
           tiny_eps: float) -> Tensor:
     channels = shift.numel()
-    rows = 1 if common is None else common.numel() // max(channels, 1)
-    packed = torch.empty(1 + 2 * rows * channels, dtype=torch.float64, device=shift.device)
+    packed = torch.empty(1 + 2 * channels, dtype=torch.float64, device=shift.device)
     with torch.cuda.device(shift.device) if shift.is_cuda else _no_context():
         _launch(0, channels, shift, a, b, shift if common is None else common, packed, num_values,
-                _float_bits(tiny_eps), channels, WELFORD=welford, HAS_COMMON=common is not None, ROWS=rows)
+                _float_bits(tiny_eps), channels, WELFORD=welford, HAS_COMMON=common is not None)
     return packed
 
 
@@ -208,55 +188,44 @@ def _pack_welford_op(mean: Tensor, invstd: Tensor, moment: Tensor, num_values: i
     return _pack(mean, invstd, moment, num_values, common, True, tiny_eps)
 
 
-def _packed_size(shift: Tensor, common: Optional[Tensor]) -> int:
-    channels = shift.numel()
-    rows = 1 if common is None else common.numel() // max(channels, 1)
-    return 1 + 2 * rows * channels
-
-
 @_pack_moments_op.register_fake
 def _(shift: Tensor, sum_dev: Tensor, sum_sq_dev: Tensor, num_values: int, common: Optional[Tensor]) -> Tensor:
-    return shift.new_empty(_packed_size(shift, common), dtype=torch.float64)
+    return shift.new_empty(1 + 2 * shift.numel(), dtype=torch.float64)
 
 
 @_pack_welford_op.register_fake
 def _(mean: Tensor, invstd: Tensor, moment: Tensor, num_values: int, common: Optional[Tensor],
       tiny_eps: float) -> Tensor:
-    return mean.new_empty(_packed_size(mean, common), dtype=torch.float64)
+    return mean.new_empty(1 + 2 * mean.numel(), dtype=torch.float64)
 
 
-@torch.library.custom_op("syncnorm::finish_statistics", mutates_args=("running_mean", "running_var", "next_shifts"))
-def _finish_op(summed: Tensor, shifts: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
+@torch.library.custom_op("syncnorm::finish_statistics", mutates_args=("running_mean", "running_var"))
+def _finish_op(summed: Tensor, shift: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
                bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-               next_shifts: Optional[Tensor], momentum: float, eps: float, dtype: torch.dtype,
-               channels: int) -> tuple[Tensor, Tensor]:
-    return _finish(summed, shifts, about, weight, bias, running_mean, running_var, next_shifts, momentum, eps, dtype,
-                   channels)
+               momentum: float, eps: float, dtype: torch.dtype, channels: int) -> tuple[Tensor, Tensor]:
+    return _finish(summed, shift, about, weight, bias, running_mean, running_var, momentum, eps, dtype, channels)
 
 
-def _finish(summed: Tensor, shifts: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
+def _finish(summed: Tensor, shift: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
             bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-            next_shifts: Optional[Tensor], momentum: float, eps: float, dtype: torch.dtype,
-            channels: int) -> tuple[Tensor, Tensor]:
-    rows = (summed.numel() - 1) // (2 * channels)
+            momentum: float, eps: float, dtype: torch.dtype, channels: int) -> tuple[Tensor, Tensor]:
     block = summed.new_empty(_ROWS, channels, dtype=dtype)
     count = summed.new_empty(1, dtype=torch.int32)
     update_running = running_mean is not None and running_var is not None
     with torch.cuda.device(summed.device) if summed.is_cuda else _no_context():
-        _launch(1, channels, summed, summed if shifts is None else shifts, summed if about is None else about,
+        _launch(1, channels, summed, summed if shift is None else shift, summed if about is None else about,
                 summed if weight is None else weight, summed if bias is None else bias,
                 running_mean if update_running else summed, running_var if update_running else summed, block, count,
-                summed if next_shifts is None else next_shifts, _float_bits(momentum), _float_bits(eps), channels,
-                HAS_SHIFT=shifts is not None, ROWS=rows, HAS_ABOUT=about is not None, HAS_WEIGHT=weight is not None,
-                HAS_BIAS=bias is not None, UPDATE_RUNNING=update_running, UPDATE_SHIFT=next_shifts is not None)
+                _float_bits(momentum), _float_bits(eps), channels,
+                HAS_SHIFT=shift is not None, HAS_ABOUT=about is not None, HAS_WEIGHT=weight is not None,
+                HAS_BIAS=bias is not None, UPDATE_RUNNING=update_running)
     return block, count
 
 
 @_finish_op.register_fake
-def _(summed: Tensor, shifts: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
+def _(summed: Tensor, shift: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
       bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-      next_shifts: Optional[Tensor], momentum: float, eps: float, dtype: torch.dtype,
-      channels: int) -> tuple[Tensor, Tensor]:
+      momentum: float, eps: float, dtype: torch.dtype, channels: int) -> tuple[Tensor, Tensor]:
     return summed.new_empty(_ROWS, channels, dtype=dtype), summed.new_empty(1, dtype=torch.int32)
 
 
@@ -265,7 +234,7 @@ def _(summed: Tensor, shifts: Optional[Tensor], about: Optional[Tensor], weight:
 
 
 def pack_moments(local: _stats.LocalMoments, common: Optional[Tensor]) -> Tensor:
-    """``_stats.pack_moments`` in one kernel (``common``: the K candidate shifts, (K, C), or None)."""
+    """``_stats.pack_moments`` in one kernel (``common``: the shift common to all ranks, (C,), or None: zero)."""
     if torch.compiler.is_compiling():
         return torch.ops.syncnorm.pack_moments(local.shift, local.sum_dev, local.sum_sq_dev, local.num_values, common)
     return _pack(local.shift, local.sum_dev, local.sum_sq_dev, local.num_values, common, False, 0.0)
@@ -280,14 +249,12 @@ def pack_welford_moments(mean: Tensor, invstd: Tensor, moment: Tensor, num_value
 
 
 def finish_statistics(
-    summed: Tensor, shifts: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
+    summed: Tensor, shift: Optional[Tensor], about: Optional[Tensor], weight: Optional[Tensor],
     bias: Optional[Tensor], eps: float, dtype: torch.dtype, running_mean: Optional[Tensor],
-    running_var: Optional[Tensor], momentum: float, next_shifts: Optional[Tensor], channels: int,
+    running_var: Optional[Tensor], momentum: float, channels: int,
 ) -> _stats.PerChannel:
-    """``_stats.finish_statistics`` and ``_stats.update_running_statistics`` (and the next candidates) in one kernel."""
+    """``_stats.finish_statistics`` and ``_stats.update_running_statistics`` in one kernel."""
     finish = torch.ops.syncnorm.finish_statistics if torch.compiler.is_compiling() else _finish
-    block, count = finish(
-        summed, shifts, about, weight, bias, running_mean, running_var, next_shifts, momentum, eps, dtype, channels
-    )
+    block, count = finish(summed, shift, about, weight, bias, running_mean, running_var, momentum, eps, dtype, channels)
     mean, invstd, residual, r_invstd2, alpha, beta = block[:6]
     return _stats.PerChannel(summed[0], mean, invstd, residual, r_invstd2, alpha, beta, block[6:], count, None, None)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from . import _comm, _shift
+from . import _comm
 from ._errors import SyncNormError
 
 if TYPE_CHECKING:
@@ -95,9 +95,9 @@ def validation(enabled: bool = True) -> Iterator[None]:
 
 
 # Field layout of a fingerprint. Compared one by one; each is what the ranks must agree on.
-_PHASE, _FEATURES, _TRAINING, _DTYPE, _DIM, _CHANNELS, _NEEDS_GRAD, _NAME_HASH, _SHIFT_HASH = range(9)
+_PHASE, _FEATURES, _TRAINING, _DTYPE, _DIM, _CHANNELS, _NEEDS_GRAD, _NAME_HASH = range(8)
 _NAME_BYTES = 128  # the name itself travels too, truncated, so every rank can print the others'
-_SIZE = 9 + _NAME_BYTES
+_SIZE = 8 + _NAME_BYTES
 _FIELDS = {
     _FEATURES: "num_features",
     _TRAINING: "training flag",
@@ -105,8 +105,6 @@ _FIELDS = {
     _DIM: "input rank (number of dimensions)",
     _CHANNELS: "input channels (dim 1)",
     _NEEDS_GRAD: "input needs a gradient",
-    _SHIFT_HASH: ("merge cache (the candidate shifts of the float64 merge, syncnorm._shift; a rank's layer was "
-                  "rebuilt, loaded, reset or regrouped alone?)"),
 }
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 _PHASES = ("forward", "backward")
@@ -134,7 +132,6 @@ def check_forward(layer: _BatchNorm, input: Any, description: str) -> None:
         needs_grad=layer.training and is_tensor and input.requires_grad and torch.is_grad_enabled(),
         name=getattr(layer, "layer_name", None) or "",
         device=input.device if is_tensor else torch.device("cpu"),
-        cache=_shift.fingerprint(layer, group, input) if layer.training and is_tensor else b"",
     )
     _compare(fingerprint, group, description)
 
@@ -163,15 +160,13 @@ def check_backward(layer: _BatchNorm, output: Tensor, input: Tensor, description
 
 
 def _fingerprint(*, phase: int, features: int, training: bool, dtype: Any, dim: int, channels: int,
-                 needs_grad: bool, name: str, device: torch.device, cache: bytes = b"") -> Tensor:
+                 needs_grad: bool, name: str, device: torch.device) -> Tensor:
     """What this rank is about to do, as a fixed-size int64 tensor (the same size on every rank)."""
     encoded = name.encode("utf-8")
     # A stable hash (Python's hash() is salted per process) compares names of any length exactly.
     digest = int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little") >> 1
     head = [phase, features, int(training), _DTYPES.index(dtype) if dtype in _DTYPES else -1, dim, channels,
             int(needs_grad), digest]
-    # The merge cache must be bit-identical on every rank, or unknown on all (validation mode only: a host copy).
-    head.append(int.from_bytes(hashlib.blake2b(cache, digest_size=8).digest(), "little") >> 1)
     shown = list(encoded[:_NAME_BYTES]) + [0] * (_NAME_BYTES - min(len(encoded), _NAME_BYTES))
     return torch.tensor(head + shown, dtype=torch.int64, device=device)
 
@@ -235,5 +230,5 @@ def _show(field: int, value: int) -> str:
 
 
 def _name(row: Tensor) -> str:
-    shown = bytes(b for b in row[9:].tolist() if b)
+    shown = bytes(b for b in row[_NAME_HASH + 1 :].tolist() if b)
     return shown.decode("utf-8", errors="replace")

@@ -17,8 +17,8 @@ as its mean and ``1 / weight`` as its invstd (so its ``xhat`` is this layer's), 
 weight invstd``: the reductions, the input gradient and the all-reduce go through the kernel backend of
 the step (``native`` or ``fused``, ``_backends``); the inversion (``_Activation``) is aten ops on every
 backend. Its all-reduce sums ``[sum dz, sum dz xhat]``, the same quantities on every rank. The forward
-is ``SyncBatchNormFunction``'s: ``merged_statistics`` and ``finish_statistics`` (same all-reduce, merge
-cache, count check), then the activation in place.
+is ``SyncBatchNormFunction``'s: ``merged_statistics`` and ``finish_statistics`` (same all-reduce and
+count check), then the activation in place.
 
 Where the inversion is not accurate (``_fallback_channels``: a zero or tiny weight, a bias much larger
 than the weight, ELU deep in its flat tail) the layer also keeps those channels' input (and only those),
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _backends, _comm, _function, _kernels, _shift, _stats, _validate
+from . import _backends, _comm, _function, _kernels, _stats, _validate
 from .batchnorm import _compiling, _refuse_forward_ad, _run_eagerly, begin_forward, check_input, recomputing_forward
 
 ACTIVATIONS = ("leaky_relu", "elu", "identity")
@@ -171,8 +171,6 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         momentum: float,
         group: _comm.ProcessGroup,
         layer: str,
-        cache: Optional[_shift.MergeShift],
-        update_cache: bool,
         activation: _Activation,
         grad_enabled: bool,
     ) -> Tensor:
@@ -185,8 +183,7 @@ class SyncBatchNormActFunction(torch.autograd.Function):
             return packed
 
         # The statistics exactly as SyncBatchNormFunction.forward computes them (see there for why).
-        known = None if cache is None else cache.shifts
-        local, summed, shifts = _function.merged_statistics(x, backend, known, all_reduce)
+        local, summed, shift = _function.merged_statistics(x, backend, all_reduce)
         # While a CUDA graph is captured no host read may happen: as SyncBatchNormFunction, the device guards
         # the global count, and the layer keeps its whole input instead of choosing channels (a nonzero).
         capturing = _function.capturing(x.device)
@@ -195,17 +192,11 @@ class SyncBatchNormActFunction(torch.autograd.Function):
             _function.assert_global_count_is_not_one(summed, x.size(), layer)
         update = guard_empty or not (local_count <= 1 and _function.check_global_count(summed, x.size(), layer))
         track = update and running_mean is not None and running_var is not None
-        next_shifts = None
-        if cache is not None and update and update_cache:
-            next_shifts = known if known is not None else _shift.new_candidates(x.shape[1], x.device)
         stats_dtype = _stats.statistics_dtype(x)
         stats = _backends.finish_statistics(
-            backend, summed, local, shifts, weight, bias, eps, stats_dtype,
-            running_mean if track else None, running_var if track else None, momentum, next_shifts,
-            guard_empty=guard_empty,
+            backend, summed, local, shift, weight, bias, eps, stats_dtype,
+            running_mean if track else None, running_var if track else None, momentum, guard_empty=guard_empty,
         )
-        if cache is not None and known is None and next_shifts is not None:
-            cache.shifts = next_shifts
         y = activation.forward_(backend.normalize(x, local, stats, weight))
 
         ctx.backend = backend
@@ -270,7 +261,7 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
         ctx.backend, ctx.activation, ctx.saved_tensors, grad_output, ctx.needs_input_grad[:3], all_reduce)
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (None if grad_x is None else grad_x.to(ctx.input_dtype), _function._to(grad_weight, weight_dtype),
-            _function._to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None, None, None)
+            _function._to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None)
 
 
 def backward_gradients(
@@ -362,7 +353,7 @@ class SyncBatchNormAct(_BatchNorm):
     ``SyncBatchNorm`` + the activation), and guards the global count on the device as ``SyncBatchNorm`` does.
 
     ``torch.compile(fullgraph=True)`` traces a training forward whole (the same one all-reduce each way
-    in the graph, or two forward while the merge cache is unknown, as for ``SyncBatchNorm``): the channel
+    in the graph, two forward for float64 input, as for ``SyncBatchNorm``): the channel
     choice is the custom op ``syncnorm::act_fallback_channels``, whose index has a data-dependent
     (unbacked) size in the graph, and it still takes its host sync. In validation mode the layer runs
     eagerly under compile (one graph break), as ``SyncBatchNorm`` does.
@@ -441,15 +432,6 @@ class SyncBatchNormAct(_BatchNorm):
     def _activation(self) -> _Activation:
         return _Activation(self.activation, self.negative_slope, self.alpha)
 
-    def reset_running_stats(self) -> None:
-        """``_BatchNorm.reset_running_stats``; also forgets the merge cache (``syncnorm._shift``)."""
-        _shift.invalidate(self)
-        super().reset_running_stats()
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        _shift.invalidate(self)  # as SyncBatchNorm's: a load starts the merge cache afresh
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
     def _describe(self) -> str:
         name = f" '{self.layer_name}'" if self.layer_name else ""
         return f"syncnorm.SyncBatchNormAct{name} (num_features={self.num_features})"
@@ -509,12 +491,11 @@ class SyncBatchNormAct(_BatchNorm):
         if self.training and _compiling() and (group is not None or isinstance(factor, Tensor)):
             from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
 
-            shifts = None if group is None else _shift.known_shifts(self, group, input)
             keep = torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (input, self.weight, self.bias))
             output = _traceable.sync_batch_norm_act(
                 input, running_mean, running_var, self.weight, self.bias, factor, self.eps,
-                _traceable.group_name(group), shifts, description, self.activation, self.negative_slope, self.alpha,
+                _traceable.group_name(group), description, self.activation, self.negative_slope, self.alpha,
                 keep,
             )
         elif group is None or not self.training:
@@ -523,10 +504,9 @@ class SyncBatchNormAct(_BatchNorm):
             output = self._activation().forward_(output)
         else:
             _refuse_forward_ad(description, input, self.weight, self.bias)
-            cache = _shift.for_step(self, group, input)
             output = SyncBatchNormActFunction.apply(
                 input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, description,
-                cache, not recomputing, self._activation(), torch.is_grad_enabled(),
+                self._activation(), torch.is_grad_enabled(),
             )
             if validating:
                 _validate.check_backward(self, output, input, description)

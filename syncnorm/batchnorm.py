@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm, _shift, _validate
+from . import _comm, _validate
 from ._function import SyncBatchNormFunction
 
 
@@ -21,14 +21,12 @@ class SyncBatchNorm(_BatchNorm):
     parameters, buffers, ``state_dict`` keys and ``repr``, so checkpoints load both ways with
     ``strict=True``. In training mode on W ranks it computes exactly what one process would compute
     on the concatenation of the W batches (output, input gradient, running statistics), with one
-    all-reduce of 4C+1 float64 values in forward and one of 2C values in backward. It runs on CPU
-    tensors (Gloo) and CUDA tensors (NCCL or Gloo).
+    all-reduce of 2C+1 float64 values in forward (two, of C+1 and 2C+1, for float64 input) and one of
+    2C values in backward. It runs on CPU tensors (Gloo) and CUDA tensors (NCCL or Gloo).
 
-    Its results depend on its parameters, buffers and input only. It keeps one cache, the shifts of its
-    float64 merge (see the numerics page of the docs): a layer's first training step, and its first
-    after ``load_state_dict``, ``reset_running_stats`` or a change of ``process_group``, takes one more
-    all-reduce (exact whatever the data); every rank must therefore build, load and regroup its layers
-    alike, as data-parallel training does.
+    Like torch's BatchNorm, its results are a function of its parameters, its buffers (the state_dict),
+    its input and its process group: it keeps nothing else between steps, so a resumed, deep-copied,
+    reloaded or regrouped layer continues exactly as the one that trained.
 
     It does not communicate in eval mode, without an initialised process group, or in a group of
     one rank: there it is plain BatchNorm. In eval mode with ``track_running_stats=False`` each rank
@@ -100,17 +98,6 @@ class SyncBatchNorm(_BatchNorm):
         # Qualified name in the model, for error messages; convert_model sets it.
         self.layer_name: Optional[str] = None
         self.last_input_dim: Optional[int] = None
-
-    def reset_running_stats(self) -> None:
-        """``_BatchNorm.reset_running_stats``; also forgets the merge cache (``syncnorm._shift``)."""
-        _shift.invalidate(self)
-        super().reset_running_stats()
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        # A load (resume, rollback, a checkpoint averaged elsewhere) starts the merge cache afresh: its next
-        # training step takes one more all-reduce and is exact whatever the cache held before.
-        _shift.invalidate(self)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _describe(self) -> str:
         name = f" '{self.layer_name}'" if self.layer_name else ""
@@ -186,7 +173,7 @@ class SyncBatchNorm(_BatchNorm):
 
         output = sync_batch_norm(
             input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps,
-            group=group, layer=self._describe(), owner=self, update_cache=not recomputing,
+            group=group, layer=self._describe(),
         )
         if validating and group is not None:
             _validate.check_backward(self, output, input, self._describe())
@@ -301,35 +288,28 @@ def sync_batch_norm(
     *,
     group: Optional[_comm.ProcessGroup] = None,
     layer: str = "syncnorm.sync_batch_norm",
-    owner: Optional[torch.nn.Module] = None,
-    update_cache: bool = True,
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` over the batch of every rank of ``group``.
 
     The one place where a layer's batch normalisation chooses between the synchronised path and
     plain ``F.batch_norm``; ``SyncBatchNorm.forward`` and the subclasses ``convert_model`` generates
     both come through here. ``group`` is the resolved statistics group (``_comm.statistics_group``),
-    None for no synchronisation; ``momentum`` is the running-average factor of this step; ``owner``
-    is the module whose merge cache (``_shift``) the step reads and, with ``update_cache``, updates
-    (None: no cache, every synchronised step takes two all-reduces).
+    None for no synchronisation; ``momentum`` is the running-average factor of this step.
     """
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if training and _compiling() and (group is not None or isinstance(momentum, Tensor)):
         from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
 
-        shifts = None if owner is None or group is None else _shift.known_shifts(owner, group, input)
         return _traceable.sync_batch_norm(
-            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group), shifts,
-            layer,
+            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group), layer,
         )
     if group is None or not training:
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
     _refuse_forward_ad(layer, input, weight, bias)
     _refuse_functorch(layer, input, weight, bias)
-    cache = None if owner is None else _shift.for_step(owner, group, input)
     output: Tensor = SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, group, layer, cache, update_cache
+        input, weight, bias, running_mean, running_var, eps, momentum, group, layer
     )
     return output
 

@@ -43,7 +43,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
-from . import _comm, _shift, _validate
+from . import _comm, _validate
 from .activation import SyncBatchNormAct
 from .batchnorm import SyncBatchNorm, begin_forward, recomputing_forward, sync_batch_norm
 
@@ -53,7 +53,7 @@ Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 _PLAIN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # Instance attributes a conversion may add; revert_model removes those the original lacked.
 _SYNC_ATTRS = ("process_group", "layer_name", "last_input_dim", "_syncnorm_original", "_syncnorm_kept",
-               "_syncnorm_replaced", _shift.ATTRIBUTE, "activation", "negative_slope", "alpha", "_syncnorm_fused")
+               "_syncnorm_replaced", "activation", "negative_slope", "alpha", "_syncnorm_fused")
 _BY_INPUT_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 _BATCH_NORM_SIGNATURE = inspect.signature(F.batch_norm)
 
@@ -381,19 +381,9 @@ def _make_synchronised_class(original: type[_BatchNorm]) -> type[_BatchNorm]:
         # The generated class cannot be found by name in another process: rebuild it from the original.
         return (_new_synchronised, (original,), dict(self.__dict__))
 
-    def reset_running_stats(self: _BatchNorm) -> None:
-        _shift.invalidate(self)
-        original.reset_running_stats(self)
-
-    def _load_from_state_dict(self: _BatchNorm, *args: Any, **kwargs: Any) -> None:
-        _shift.invalidate(self)  # as SyncBatchNorm's: a load starts the merge cache afresh
-        original._load_from_state_dict(self, *args, **kwargs)
-
     forward.__doc__ = f"{original.__name__}.forward with the statistics of the batch of every rank."
     namespace = {
         "forward": forward,
-        "reset_running_stats": reset_running_stats,
-        "_load_from_state_dict": _load_from_state_dict,
         "__reduce_ex__": __reduce_ex__,
         "__module__": __name__,
         "__qualname__": f"Sync{original.__qualname__}",
@@ -459,9 +449,7 @@ class _RouteBatchNorm(TorchFunctionMode):
             if arguments["training"] and self._owns(arguments):
                 if self.recomputing:  # this batch was counted in the first forward
                     arguments["running_mean"] = arguments["running_var"] = None
-                # The same merge cache as SyncBatchNorm's (_shift), kept on the layer.
-                output = sync_batch_norm(**arguments, group=self.group, layer=self.description, owner=self.layer,
-                                         update_cache=not self.recomputing)
+                output = sync_batch_norm(**arguments, group=self.group, layer=self.description)
                 if self.validating and self.group is not None:
                     _validate.check_backward(self.layer, output, arguments["input"], self.description)
                 return output

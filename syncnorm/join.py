@@ -6,9 +6,8 @@ training forward and backward is collective, so the rank that ran out must take 
 them, in the same order, with nothing of its own: this joinable's hook runs every syncnorm layer's
 own training forward on an EMPTY batch (shape ``(0, C, ...)``), in the order the layers ran in this
 rank's last step, and then their backward, in reverse. An empty batch adds zero to every count and
-sum, so the statistics, the running statistics, ``num_batches_tracked`` and the merge cache
-(``_shift``) come out on the joined rank exactly as on the others: every rank ends the epoch with
-the same layers.
+sum, so the statistics, the running statistics and ``num_batches_tracked`` come out on the joined
+rank exactly as on the others: every rank ends the epoch with the same layers.
 
 Ordering with DistributedDataParallel. DDP's own join hook shadows its gradient all-reduces and waits
 for them; the active ranks issue those only in backward, after their syncnorm forwards, which wait

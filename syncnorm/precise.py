@@ -10,7 +10,6 @@ the exact population statistics, identical on every rank.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import warnings
 from collections.abc import Iterable, Iterator
@@ -20,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _comm, _shift, _stats
+from . import _comm, _stats
 from .convert import _is_synchronised
 
 _WHO = "syncnorm.update_bn_stats"
@@ -147,18 +146,12 @@ def _lend_group(model: nn.Module, group: Optional[_comm.ProcessGroup]) -> list[t
 
 
 def _attributes(layer: nn.Module) -> dict[str, Any]:
-    """The layer's own attributes (not its parameters, buffers or submodules), tensors and the merge cache copied.
-
-    The merge cache (``_shift``) is updated by the forwards over the lent group on that group's ranks only:
-    put back as a copy of what it was, every rank's cache is the same again (else the next step over the
-    layer's own group would take one more all-reduce on some ranks than on others).
-    """
-    return {k: v.clone() if isinstance(v, Tensor) else copy.deepcopy(v) if isinstance(v, _shift.MergeShift) else v
-            for k, v in vars(layer).items()}
+    """The layer's own attributes (not its parameters, buffers or submodules), tensors copied."""
+    return {k: v.clone() if isinstance(v, Tensor) else v for k, v in vars(layer).items()}
 
 
 def _put_back(layer: nn.Module, before: dict[str, Any]) -> None:
-    """Give ``layer`` the attributes ``before`` again: its own group, and any cache the forwards over the lent
+    """Give ``layer`` the attributes ``before`` again: its own group, and any attribute the forwards over the lent
     group changed (on the ranks of that group only, so the ranks outside it would otherwise disagree)."""
     state = vars(layer)
     for name in [name for name in state if name not in before]:
