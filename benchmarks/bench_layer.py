@@ -101,7 +101,7 @@ class BareAllReduces(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        self.forward_buffer = torch.zeros(4 * channels + 1, dtype=torch.float64)  # steady state (syncnorm/_shift.py)
+        self.forward_buffer = torch.zeros(2 * channels + 1, dtype=torch.float64)  # float32 input: one all-reduce
         self.backward_buffer = torch.zeros(2 * channels)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -259,22 +259,22 @@ def communication_rows(channels: int, world: int) -> tuple[int, int, float, floa
     """Per layer and training step, for one rank: (syncnorm payload B, torch payload B, syncnorm wire B,
     torch wire B).
 
-    Payload = what the collectives hand back to the rank: syncnorm's forward all-reduce of 4C+1
-    float64 (sums about its two candidate shifts; steady state) and backward all-reduce of 2C float32,
+    Payload = what the collectives hand back to the rank: syncnorm's forward all-reduce of 2C+1
+    float64 (count, sums and sums of squares about zero) and backward all-reduce of 2C float32,
     whatever W; torch.nn.SyncBatchNorm's forward
     all_gather of W*(2C+1) float32 (mean, invstd, count of every rank) and the same backward
     all-reduce. Wire = bytes a rank sends with bandwidth-optimal ring algorithms: an all-reduce of S
     bytes sends 2(W-1)/W*S, an all_gather of W pieces of S bytes sends (W-1)*S.
     """
-    fwd, bwd, gathered = (4 * channels + 1) * 8, 2 * channels * 4, (2 * channels + 1) * 4
+    fwd, bwd, gathered = (2 * channels + 1) * 8, 2 * channels * 4, (2 * channels + 1) * 4
     ring = 2 * (world - 1) / world
     return fwd + bwd, world * gathered + bwd, ring * (fwd + bwd), (world - 1) * gathered + ring * bwd
 
 
 def print_communication_table(channels_list: list[int], worlds: tuple[int, ...] = (2, 8, 64, 1024)) -> None:
     print("\nCommunication per layer per training step, one rank (model, see communication_rows):\n"
-          "syncnorm: 1 all-reduce of (4C+1) float64 forward + 1 all-reduce of 2C float32 backward; "
-          "payload (4C+1)*8 + 2C*4 B for any W, ring wire 2(W-1)/W times that.\n"
+          "syncnorm: 1 all-reduce of (2C+1) float64 forward + 1 all-reduce of 2C float32 backward; "
+          "payload (2C+1)*8 + 2C*4 B for any W, ring wire 2(W-1)/W times that.\n"
           "torch.nn.SyncBatchNorm: 1 all_gather of W*(2C+1) float32 forward + 1 all-reduce of 2C float32 "
           "backward; payload W*(2C+1)*4 + 2C*4 B, ring wire (W-1)*(2C+1)*4 + 2(W-1)/W*2C*4 B.")
     print("| C | W | collectives (both) | syncnorm payload B | torch payload B | syncnorm wire B "

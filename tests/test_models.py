@@ -140,9 +140,9 @@ def test_converted_model_takes_the_single_process_step_on_two_ranks(name: str) -
     torch.testing.assert_close(mean_loss, reports[0]["ref_loss"], **TOLERANCES[dtype])
     for r in reports:
         assert r["layers"] >= 20
-        # Per BatchNorm layer: two all-reduces forward (a fresh layer's merge cache is unknown,
-        # syncnorm/_shift.py) and one backward; DDP's gradient buckets are reduced from C++ and not counted.
-        assert r["all_reduces"] == 3 * r["layers"]
+        # Per BatchNorm layer: one all-reduce forward (two for float64 input) and one backward; DDP's
+        # gradient buckets are reduced from C++ and not counted.
+        assert r["all_reduces"] == (3 if dtype == torch.float64 else 2) * r["layers"]
 
 
 def test_reverted_resnet18_traces_and_exports() -> None:

@@ -164,10 +164,9 @@ def test_two_ranks_pool_their_batches_and_agree_exactly(convert: bool) -> None:
         assert torch.equal(reports[0]["buffers"][key], reports[1]["buffers"][key]), f"{key} differs between ranks"
     # Per batch: one all-reduce agreeing that every rank has it (+ one per layer if converted); one
     # more finding the loaders exhausted; two for the moments of every layer together (the global
-    # means, then the squares about them). A converted layer's first forward takes one more (a fresh
-    # merge cache, syncnorm/_shift.py).
+    # means, then the squares about them).
     per_layer = len(layers) if convert else 0
-    assert all(r["calls"] == ["all_reduce"] * (3 * (1 + per_layer) + per_layer + 3) for r in reports)
+    assert all(r["calls"] == ["all_reduce"] * (3 * (1 + per_layer) + 3) for r in reports)
     assert "update_bn_stats" in reports[0]["stderr"] and reports[1]["stderr"] == ""
 
 
@@ -244,8 +243,8 @@ def _precise_over_a_group(state: dict[str, Any], loaders: list[list[Any]], group
                           dy: torch.Tensor, sizes: list[int], warm: bool = False) -> dict[str, Any]:
     """update_bn_stats over ``group_name`` on the ranks of that group; then one training step over the world.
 
-    ``warm``: first one training step over the world, its buffers then put back in place, so that every
-    layer's merge cache is known on every rank (update_bn_stats must leave it so on every rank).
+    ``warm``: first one training step over the world, its buffers then put back in place (a layer that
+    trained before; update_bn_stats must leave its group as it was on every rank).
     """
     group = _group(group_name)
     model = bn_model()
@@ -320,9 +319,9 @@ def test_rank_zero_alone_recomputes_its_statistics_while_the_others_do_something
 def test_a_subset_group_pools_its_ranks_only(kernels: str) -> None:
     """Issue 22, defect 7: ranks 0 and 1 of 3 recompute over their pair; rank 2 does not take part.
 
-    The layers trained over the world first (their merge caches known on every rank); update_bn_stats
-    changes the pair's caches only, so it must put them back: the step over the world after it then takes
-    the same collectives on every rank (one all-reduce per layer each way), not one more on the pair's.
+    The layers trained over the world first; update_bn_stats lends the pair's layers the pair's group only,
+    so it must put their own group back: the step over the world after it then takes the same collectives
+    on every rank (one all-reduce per layer each way).
     """
     model = bn_model()
     loaders = [batches([3, 2, 4], seed=30), batches([2, 3], seed=31), []]
@@ -333,9 +332,8 @@ def test_a_subset_group_pools_its_ranks_only(kernels: str) -> None:
     expected = population_statistics(model, [[torch.cat([a, b])] for (a, _), (b, _) in zip(*loaders[:2])])
     for report in reports[:2]:
         check_statistics_in(report["precise"], expected)
-        # Per batch one all-reduce for the flag and one per layer, the exhausted flag, the two moments; and one
-        # more per layer at the first batch (a layer's merge cache over the pair is unknown, syncnorm/_shift.py).
-        assert report["calls"] == ["all_reduce"] * (2 * 4 + 1 + 2 + 3) and report["restored"], report["calls"]
+        # Per batch one all-reduce for the flag and one per layer, the exhausted flag, the two moments.
+        assert report["calls"] == ["all_reduce"] * (2 * 4 + 1 + 2) and report["restored"], report["calls"]
     for name, value in model.named_buffers():  # rank 2 took no part
         assert torch.equal(reports[2]["precise"][name], value), name
     assert reports[2]["calls"] == []
