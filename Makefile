@@ -43,7 +43,7 @@ test: lint docs
 	PYTHON=$(PY) tests/mpi/run.sh 2
 	PYTHON=$(PY) tests/mpi/run.sh 3
 
-# CPU benchmarks (tables, never assertions): the layer at issue 3's shapes on 2 and 4 Gloo ranks, and a model step.
+# CPU benchmarks (tables, never assertions): the layer at three shapes on 2 and 4 Gloo ranks, and a model step.
 bench: install
 	PYTHONPATH=. $(PY) benchmarks/bench_cpu.py
 	PYTHONPATH=. $(PY) benchmarks/bench_model.py

@@ -1,4 +1,4 @@
-"""Issue 3's CPU benchmark: syncnorm vs local nn.BatchNorm2d, W=2 and W=4 Gloo ranks, one thread each.
+"""The CPU benchmark at three shapes: syncnorm vs local nn.BatchNorm2d, W=2 and W=4 Gloo ranks, one thread each.
 
 The shapes (32,64,28,28), (8,256,14,14) and (256,512) per rank, forward+backward, slowest rank's
 median, ratios measured in the same run. It is ``bench_layer.py`` with those shapes; see there for

@@ -1,4 +1,4 @@
-"""Host cost of one training step of one layer: local BatchNorm vs syncnorm, collectives taken out (issue 23).
+"""Host cost of one training step of one layer: local BatchNorm vs syncnorm, collectives taken out.
 
 At small per-GPU batches a BatchNorm layer's kernels take microseconds and the host decides the step:
 Python, autograd, op dispatch, launches. This measures that host work on CPU, in one process:

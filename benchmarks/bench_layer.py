@@ -46,7 +46,7 @@ SHAPES: dict[str, tuple[tuple[int, ...], bool]] = {
     "(32,64,28,28) CL": ((32, 64, 28, 28), True),
     "(8,256,14,14)": ((8, 256, 14, 14), False),
     "(256,512)": ((256, 512), False),
-    # Where per-call cost dominates (issue 11): small (N,C) features and a late 4-D layer.
+    # Where per-call cost dominates: small (N,C) features and a late 4-D layer.
     "(4,512)": ((4, 512), False),
     "(32,256,7,7)": ((32, 256, 7, 7), False),
 }

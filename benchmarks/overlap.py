@@ -1,4 +1,4 @@
-"""Prototypes of the overlap options of shared/DESIGN-NOTES.md section 5, for bench_layer.py --overlap.
+"""Prototypes of two ways to overlap communication with compute, for bench_layer.py --overlap.
 
 Each is syncnorm's autograd Function (same _stats/_kernels pieces, same numerics) with one change:
 - ``AsyncBackward``: the backward all-reduce is issued with ``async_op=True`` and the part of the

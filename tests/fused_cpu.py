@@ -1,4 +1,4 @@
-"""CPU stand-ins for torch's CUDA-only SyncBatchNorm kernels, so the ``fused`` backend runs and is tested here.
+"""CPU stand-ins for torch's CUDA-only SyncBatchNorm kernels, so the ``fused`` backend runs and is tested on CPU.
 
 ``register()`` gives ``torch.batch_norm_stats``, ``batch_norm_elemt``, ``batch_norm_backward_reduce``,
 ``batch_norm_backward_elemt`` and ``batch_norm_gather_stats_with_counts`` a Python kernel for the CPU

@@ -55,7 +55,7 @@ def _case(name: str, sizes: list[int], seed: int, layer: Any = None, layout: str
 
 
 def _cases(sizes: list[int]) -> list[dict[str, Any]]:
-    """Every activation; on 2 ranks also the other layouts, dtypes and layer options (DESIGN-NOTES section 4)."""
+    """Every activation; on 2 ranks also the other layouts, dtypes and layer options users meet."""
     cases = [_case(name, sizes, seed) for seed, name in enumerate(ACTIVATIONS)]
     if len(sizes) == 2:
         cases += [
@@ -322,7 +322,7 @@ def test_convert_model_fuses_invertible_activations_and_reverts() -> None:
     assert_close(model.eval()(x), original.eval()(x.double()), torch.float32, "reverted model, eval")
 
 
-# --------------------------------------------------------------------------- works with the rest (issue 25, item 5)
+# --------------------------------------------------------------------------- works with the rest of syncnorm
 
 class TorchBatchNormAct(torch.nn.BatchNorm2d):
     """torch's BatchNorm2d followed by one of ACTIVATIONS: the oracle's layer (the same state_dict keys)."""

@@ -1,4 +1,4 @@
-"""benchmarks/bench_host.py runs and prints its tables (issue 23 item 1); its timings are never asserted.
+"""benchmarks/bench_host.py runs and prints its tables; its timings are never asserted.
 
 What is asserted is exact: every shape has a row, and each syncnorm path's step really ran the
 synchronised path (two all-reduces, no host sync) and, on the GPU path, the Triton kernels' launches.

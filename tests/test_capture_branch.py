@@ -1,9 +1,9 @@
-"""The forward's CUDA-graph-capture branch, forced on CPU: no host read, exact for uneven and empty ranks (issue 23).
+"""The forward's CUDA-graph-capture branch, forced on CPU: no host read, exact for uneven and empty ranks.
 
 A rank holding at most one value per channel reads the global count on the host in eager mode (to raise
 torch's error for a global count of 1, or to leave the running statistics alone for an all-empty global
 batch). While a CUDA graph is captured that read is forbidden, so the forward guards both on the device
-instead (``syncnorm/_function.py``: ``capturing``). No GPU here: the tests make ``capturing`` answer True
+instead (``syncnorm/_function.py``: ``capturing``). Without a GPU, the tests make ``capturing`` answer True
 inside the ranks, count host syncs with the op-count mode, and compare every step with float64 torch
 BatchNorm run from the same initial state on the concatenated batches. tests/test_cuda_graphs.py captures
 the empty-rank case for real on a GPU.

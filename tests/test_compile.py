@@ -14,7 +14,7 @@ one per layer in the forward graph (2C+1 values), one per layer in the backward 
 the sizes the eager layers send. One case compiles with inductor (C++ code generation, slow on 2
 cores, hence a single small model), one runs the ``fused`` kernels (tests/fused_cpu.py's CPU stand-ins).
 
-Kept cheap (compilation dominates): one "mixed" model covers every layer kind the issue names in one
+Kept cheap (compilation dominates): one "mixed" model covers every layer kind users compile in one
 compilation; the other cases use a one-layer model; subsets run on W=2 (a group of one and a new
 two-rank group in one model) instead of W=4.
 """
@@ -78,7 +78,7 @@ MIXED_LAYERS = [("BatchNorm2d under activation checkpointing", 6), ("BatchNorm s
 def _model(kind: str, synced: bool) -> nn.Module:
     """The case's float64 model; ``synced``: as the ranks run it, else as the one-process oracle runs it.
 
-    "small": conv-BN2d through convert_model. "mixed": every layer kind the issue names
+    "small": conv-BN2d through convert_model. "mixed": every layer kind users compile
     in one model (one compilation instead of five): a checkpointed BatchNorm2d, a user BatchNorm subclass
     and timm's BatchNormAct2d (generated Sync<Name> classes), a layer built as syncnorm.SyncBatchNorm with
     momentum=None, and channels_last activations from the second layer on.

@@ -1,7 +1,7 @@
 """A training step with syncnorm layers captured in a CUDA graph replays exactly as the eager steps do.
 
-GPU-only (skipped with "needs CUDA" elsewhere; the CPU-side guarantee is the issue on kernel backends'
-zero host syncs in a step). The step is forward, cross-entropy, backward and an SGD step of a small conv
+GPU-only (skipped with "needs CUDA" elsewhere; the CPU-side guarantee, zero host syncs in a step, is
+tests/test_op_counts.py's). The step is forward, cross-entropy, backward and an SGD step of a small conv
 net (``convert_model`` of Conv-BN-ReLU x2 + Linear-BatchNorm1d), captured with ``torch.cuda.graph`` after
 warm-up steps on a side stream, then replayed on new data copied into the static input. The oracle is a
 twin model trained eagerly on the same data: parameters, ``running_mean``, ``running_var`` and
@@ -10,16 +10,16 @@ twin model trained eagerly on the same data: parameters, ``running_mean``, ``run
 - **1-rank NCCL group, collectives issued.** syncnorm skips communication in a group of one rank, so the
   tests make the layers take their synchronised path anyway (``syncnorm._comm.statistics_group`` returns
   the world group of one rank), as ``benchmarks/check_cuda.py`` does by calling the Function directly:
-  the eager step is counted to issue 2 all-reduces a layer, and the captured graph records them.
+  the eager step is counted to make 2 all-reduces a layer, and the captured graph records them.
 - **Several ranks over Gloo (CUDA tensors, ranks sharing GPU 0).** Gloo runs a CUDA all-reduce on the host
   (device-to-host copy, CPU reduction, copy back), which a CUDA graph cannot record. The test accepts
-  exactly two outcomes: capture raises (what is documented in the README), or the replay equals eager,
+  exactly two outcomes: capture raises (as the torch.compile and CUDA graphs guide says), or the replay equals eager,
   rank 1 holding NO samples included. A replay that silently differs fails it. (torch.nn.SyncBatchNorm
   is not exact for empty ranks while capturing, pytorch#78656; on several GPUs with NCCL, syncnorm must be.)
 - **A rank holding <= 1 value per channel.** In eager mode such a rank reads the global count on the host,
   to raise torch's "Expected more than 1 value per channel when training" for a global count of 1, or to
   leave the running statistics alone for an all-empty global batch. While a CUDA graph is captured it
-  reads nothing (issue 23): the running statistics are guarded on the device (an empty global batch keeps
+  reads nothing: the running statistics are guarded on the device (an empty global batch keeps
   them) and a count of 1 fails a device-side assertion. The test below captures an empty global batch
   for real; tests/test_capture_branch.py forces the branch on CPU ranks (uneven and empty ranks, zero
   host syncs, the float64 reference).

@@ -1,4 +1,4 @@
-"""Global-batch equivalence on real Gloo ranks (DESIGN-NOTES sections 1, 2 and 4).
+"""Global-batch equivalence on real Gloo ranks: the results, the collectives, the cases users meet.
 
 Every test runs syncnorm on W spawned ranks, each on its slice of a global batch, and compares
 output, input gradient, summed parameter gradients and running statistics with torch's own

@@ -1,4 +1,4 @@
-"""torch.func transforms (grad, vmap) through syncnorm layers (issue 22, defect 8).
+"""torch.func transforms (grad, vmap) through syncnorm layers.
 
 A synchronised training forward is refused under a torch.func transform with an error that names
 syncnorm and the layer and says what works instead, before anything changes (parameters, running

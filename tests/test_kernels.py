@@ -1,4 +1,4 @@
-"""The kernel backends: the SYNCNORM_KERNELS seam, the fused stand-ins alone, and the numerics defects of issue 15.
+"""The kernel backends: the SYNCNORM_KERNELS seam, the fused stand-ins alone, and numerics traps (large means).
 
 Multi-rank cases run on real Gloo ranks (tests/distributed.py, which registers the CPU stand-ins of
 tests/fused_cpu.py in every rank) and compare with torch's BatchNorm on the concatenated batch in
@@ -134,7 +134,7 @@ FLOAT64_CASES = {"mean1e4-std1e-2": (1e4, 1e-2), "mean1e6-std1": (1e6, 1.0), "me
 @pytest.mark.parametrize("mean,std", FLOAT64_CASES.values(), ids=FLOAT64_CASES.keys())
 def test_float64_is_exact_at_every_step_when_mean_dwarfs_spread(mean: float, std: float,
                                                                 kernels: str, subclass: bool) -> None:
-    """Defect 15.1 / issue 22: float64 accuracy at every step, the first included (converted subclasses too).
+    """float64 accuracy at every step, the first included (converted subclasses too).
 
     The reference runs every step from the layer's initial state: its running statistics are its own,
     never syncnorm's (momentum 0.5 keeps any step's error visible in them)."""
@@ -180,7 +180,7 @@ HALF_CASES = {
 @pytest.mark.parametrize("dtype,dy_mean,dy_noise", HALF_CASES.values(), ids=HALF_CASES.keys())
 def test_half_precision_input_gradient_is_finite_and_as_exact_as_torch(dtype: torch.dtype, dy_mean: float,
                                                                         dy_noise: float, kernels: str) -> None:
-    """Defect 15.4: no part of grad_x is rounded to the input dtype before the weight * invstd * dy term."""
+    """No part of grad_x is rounded to the input dtype before the weight * invstd * dy term."""
     generator = torch.Generator().manual_seed(2)
     sizes = [5, 3]
     x = (0.01 * torch.randn(8, 4, 3, 3, generator=generator)).to(dtype)
@@ -198,7 +198,7 @@ def test_half_precision_input_gradient_is_finite_and_as_exact_as_torch(dtype: to
 @pytest.mark.parametrize("shape", [(1, 4), (1, 4, 3, 3), (1, 4, 3, 3, "channels_last")],
                          ids=["NC-one-value-per-rank", "NCHW", "channels_last"])
 def test_float32_large_mean_is_as_exact_as_torchs_float32_batchnorm(shape: tuple[Any, ...], kernels: str) -> None:
-    """Defect 15.6: the mean is never folded into a bias of x; forward and grad_x within 2x torch's error."""
+    """The mean is never folded into a bias of x; forward and grad_x within 2x torch's error."""
     generator = torch.Generator().manual_seed(3)
     dims = [d for d in shape if isinstance(d, int)]
     sizes = [dims[0], dims[0]]

@@ -1,4 +1,4 @@
-"""Per-layer op counts of one training step on W=2 Gloo ranks (issue 11 item 4; DESIGN-NOTES section 8).
+"""Per-layer op counts of one training step on W=2 Gloo ranks, asserted as budgets.
 
 On a GPU every dispatched op is a kernel launch plus host time, so the count is a CPU-measurable
 proxy for per-layer overhead. Counted with a TorchDispatchMode around the forward and around the

@@ -207,7 +207,7 @@ def test_two_ranks_recompute_resnet18_statistics() -> None:
 
 
 def test_float64_population_statistics_are_exact_when_the_mean_dwarfs_the_spread() -> None:
-    """Defect 15.1 in update_bn_stats: one process, float64 batches at mean 1e6 / std 1."""
+    """No cancellation in update_bn_stats: one process, float64 batches at mean 1e6 / std 1."""
     generator = torch.Generator().manual_seed(0)
     data = [1e6 + torch.randn(16, 3, generator=generator, dtype=torch.float64) for _ in range(4)]
     model = torch.nn.Sequential(torch.nn.BatchNorm1d(3, dtype=torch.float64))
@@ -217,7 +217,7 @@ def test_float64_population_statistics_are_exact_when_the_mean_dwarfs_the_spread
     torch.testing.assert_close(model[0].running_var, pooled.var(0), rtol=1e-10, atol=0)
 
 
-# --------------------------------------------------------------------------- issue 22, defect 7: process_group
+# --------------------------------------------------------------------------- process_group: a subset of the ranks
 
 
 _GROUPS: dict[str, Any] = {}
@@ -288,7 +288,7 @@ BACKENDS = pytest.mark.parametrize("kernels", ["native", "fused"])
 
 @BACKENDS
 def test_a_group_of_one_rank_recomputes_its_own_statistics_without_the_others(kernels: str) -> None:
-    """Issue 22, defect 7: with a group of this rank alone, no layer waits for another rank."""
+    """With a group of this rank alone, no layer waits for another rank."""
     model = bn_model()
     # Loaders of 2, 3 and 4 batches: a layer still synchronising over the world would hang or mix batches.
     loaders = [batches([2 + i % 2 for i in range(2 + r)], seed=20 + r) for r in range(3)]
@@ -302,7 +302,7 @@ def test_a_group_of_one_rank_recomputes_its_own_statistics_without_the_others(ke
 
 
 def test_rank_zero_alone_recomputes_its_statistics_while_the_others_do_something_else() -> None:
-    """Issue 22, defect 7, as reported: precise BN on rank 0 only (before a rank-0-only evaluation)."""
+    """Precise BN on rank 0 only (before a rank-0-only evaluation): the other ranks never join it."""
     model = bn_model()
     loaders = [batches([2, 3, 2], seed=40), [], []]
     x, dy, sizes = torch.randn(7, 3, 4, 4), torch.randn(7, 6), [2, 3, 2]
@@ -317,7 +317,7 @@ def test_rank_zero_alone_recomputes_its_statistics_while_the_others_do_something
 
 @BACKENDS
 def test_a_subset_group_pools_its_ranks_only(kernels: str) -> None:
-    """Issue 22, defect 7: ranks 0 and 1 of 3 recompute over their pair; rank 2 does not take part.
+    """Ranks 0 and 1 of 3 recompute over their pair; rank 2 does not take part.
 
     The layers trained over the world first; update_bn_stats lends the pair's layers the pair's group only,
     so it must put their own group back: the step over the world after it then takes the same collectives

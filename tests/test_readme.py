@@ -1,13 +1,15 @@
 """The Python code blocks of the README and of every page of the docs site (docs/**/*.md) run, so none goes stale.
 
 Every ```python block runs as a script in a fresh process (one rank, CPU), and a ```diff block (the README's
-"Use it") runs as the file it produces (its ``+`` and context lines). A block that needs more than this
-machine gives is marked by an HTML comment on the line before its fence, which the rendered page does not show:
+"Use it") runs as the file it produces (its ``+`` and context lines). A block that needs more than one CPU
+process is marked by an HTML comment on the line before its fence, which the rendered page does not show:
 
     <!-- readme-test: skip="needs a GPU" names="train" -->    compiled, and every name it uses must be
                                                              defined, imported or listed in names; not run
     <!-- readme-test: launch="1" -->                         run as rank 0 of a one-rank torchrun-style job
                                                              (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set)
+    <!-- readme-test: launch="2" expect="2 ranks" -->        run by launch/torchrun.sh --cpu --nproc 2 (two
+                                                             Gloo processes); its output must contain expect
 
 A skipped block is reported with its reason (pytest -rs). The README's relative links must lead to files (and
 headings) that exist, the README stays a landing page (at most README_LINES lines), and every public name has
@@ -85,10 +87,11 @@ def test_the_pages_have_python_blocks_and_the_parser_reads_markers() -> None:
     assert any(b.language == "python" for b in BLOCKS) and any(b.language == "diff" for b in BLOCKS)
     assert any(b.page == "README.md" for b in BLOCKS) and any(b.page.startswith("docs/guides/") for b in BLOCKS)
     parsed = readme_blocks('<!-- readme-test: skip="needs a GPU" names="a b" -->\n```python\na()\n```\n'
+                           '<!-- readme-test: launch="2" expect="2 ranks" -->\n'
                            '```diff\n import x\n+import y\n-import z\n```\n')
     assert [(b.language, b.code, b.attrs) for b in parsed] == [
         ("python", "a()\n", {"skip": "needs a GPU", "names": "a b"}),
-        ("diff", "import x\nimport y\n", {}),
+        ("diff", "import x\nimport y\n", {"launch": "2", "expect": "2 ranks"}),
     ]
 
 
@@ -122,13 +125,28 @@ def test_readme_block(block: Block, tmp_path: Path) -> None:
                                                             "MASTER_PORT")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, on any machine
-    if block.attrs.get("launch") == "1":
+    command = [sys.executable, str(script)]
+    launch = block.attrs.get("launch", "")
+    if launch == "1":
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(_free_port()))
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=180)
+    elif launch:  # W CPU processes on Gloo, started as the README starts them
+        env["PYTHON"] = sys.executable
+        command = ["bash", str(REPO / "launch" / "torchrun.sh"), "--cpu", "--nproc", launch, str(script)]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (f"{block.where} failed:\n{block.code}\n"
                                   f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    expected = block.attrs.get("expect", "")
+    assert expected in done.stdout, (f"{block.where} ran, but its output lacks {expected!r}:\n"
+                                     f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+
+
+def test_the_readme_script_runs_on_two_ranks() -> None:
+    """The README's "Use it" is a complete script, and the suite runs it as users do: 2 ranks under the launcher."""
+    use_it = next(b for b in BLOCKS if b.page == "README.md" and b.language == "diff")
+    assert use_it.attrs.get("launch") == "2" and "skip" not in use_it.attrs, use_it.attrs
+    for needed in ("init_process_group", "convert_model", "DistributedDataParallel", "destroy_process_group"):
+        assert needed in use_it.code, f"README.md's script (line {use_it.line}) lacks {needed}"
 
 
 def _outside_code_fences(text: str) -> str:

@@ -108,7 +108,7 @@ def test_selftest_ends_with_a_message_when_the_group_cannot_form() -> None:
 @pytest.mark.parametrize("script", ["benchmarks/check_cuda.py", "benchmarks/bench_gpu.py", "syncnorm/selftest.py"])
 def test_gpu_sh_scripts_import_and_answer_help_on_cpu(script: str, monkeypatch: pytest.MonkeyPatch,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    """benchmarks/gpu.sh cannot run here: at least every Python file it calls imports and parses --help."""
+    """benchmarks/gpu.sh needs a GPU: without one, at least every Python file it calls imports and parses --help."""
     import importlib.util
 
     monkeypatch.syspath_prepend(str(REPO))

@@ -1,4 +1,4 @@
-"""Every Triton kernel variant syncnorm launches compiles for sm_80 and sm_90, without a GPU (issue 23 item 4).
+"""Every Triton kernel variant syncnorm launches compiles for sm_80 and sm_90, without a GPU.
 
 Triton's interpreter (``TRITON_INTERPRET=1``, tests/test_triton.py) runs the kernels' Python on CPU
 tensors: it accepts kernels that the GPU compiler refuses (a runtime value where a ``tl.constexpr``
@@ -61,7 +61,7 @@ COMPILE_TIMEOUT_S = 240.0  # below pytest's 300 s (pyproject.toml), so the ranks
 
 
 def _triton_missing() -> str:
-    """Why the kernels cannot be compiled here ("" where they can)."""
+    """Why the kernels cannot be compiled in this environment ("" where they can)."""
     try:
         import triton
         from triton import knobs

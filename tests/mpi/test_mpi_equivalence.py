@@ -1,4 +1,4 @@
-"""Global-batch equivalence on MPI-launched ranks (DESIGN-NOTES section 1), against the float64 oracle.
+"""Global-batch equivalence on MPI-launched ranks, against the float64 oracle.
 
 Every rank generates the whole global batch from the same seed, runs syncnorm on its own slice, and
 compares with torch's BatchNorm in float64 on the whole batch, computed by the rank itself. The

@@ -1,4 +1,4 @@
-"""Converted BatchNorm subclasses behave like syncnorm.SyncBatchNorm, and the smaller defects of issue 15.
+"""Converted BatchNorm subclasses behave like syncnorm.SyncBatchNorm; bad input, forward-mode AD and process groups.
 
 A converted subclass (the generated ``Sync<Name>`` class of timm's ``BatchNormAct2d``, or of a class
 of yours) goes through the same steps as ``syncnorm.SyncBatchNorm`` before its own ``forward`` runs:
@@ -7,7 +7,7 @@ validation mode, the input checks, and, in a forward that autograd recomputes in
 increment included. Every case runs on real Gloo ranks against torch's float64 BatchNorm on the
 whole batch, or expects the documented error on every rank with nothing changed.
 
-Also here: forward-mode AD is refused before any state changes, ``convert_model(model, process_group=g)``
+Also: forward-mode AD is refused before any state changes, ``convert_model(model, process_group=g)``
 applies ``g`` to layers converted before, and ``revert_model`` gives a ``torch.nn.SyncBatchNorm`` the
 process group it had before the conversion.
 """
@@ -69,7 +69,7 @@ def _model(kind: str, channels: int = 3) -> nn.Module:
                                   process_group=test_reliability._SHORT_TIMEOUT_GROUP)
 
 
-# --------------------------------------------------------------------------- defect 2: validation mode
+# --------------------------------------------------------------------------- validation mode
 
 
 def rank_validation_mismatch(kind: str, case: str) -> dict[str, Any]:
@@ -110,7 +110,7 @@ def test_validation_of_a_converted_subclass_raises_what_syncbatchnorm_raises_on_
                                                                                          case: str) -> None:
     # The shared pool, as for SyncBatchNorm's validation tests: every rank leaves every collective cleanly.
     # (Without the checks, 'width' aborted a Gloo process and 'eval' timed out; a dedicated world,
-    # test_reliability.run_dedicated, shows that in seconds, but forks ranks that import timm: too slow here.)
+    # test_reliability.run_dedicated, shows that in seconds, but forks ranks that import timm: too slow for the suite.)
     outcomes = run_on_ranks(2, rank_validation_mismatch_plain_then, kind, case)
     plain = [reports[0] for reports in outcomes]
     converted = [reports[1] for reports in outcomes]
@@ -121,7 +121,7 @@ def test_validation_of_a_converted_subclass_raises_what_syncbatchnorm_raises_on_
         assert report["unchanged"]
 
 
-# --------------------------------------------------------------------------- defect 3: activation checkpointing
+# --------------------------------------------------------------------------- activation checkpointing
 
 
 def _checkpointed_model(kind: str) -> nn.Module:
@@ -156,7 +156,7 @@ def test_activation_checkpointing_counts_a_converted_subclass_batch_once(kind: s
         assert int(report["buffers"]["1.num_batches_tracked"]) == 1
 
 
-# --------------------------------------------------------------------------- defect 5: bad input
+# --------------------------------------------------------------------------- bad input
 
 
 BAD_INPUTS = {
@@ -204,7 +204,7 @@ def test_bad_input_into_a_converted_subclass_in_eval_mode_gets_the_same_error() 
         model(torch.randn(2, 1, 2, 2))
 
 
-# --------------------------------------------------------------------------- defect 7: forward-mode AD
+# --------------------------------------------------------------------------- forward-mode AD
 
 
 def rank_forward_ad(kind: str) -> dict[str, Any]:
@@ -238,7 +238,7 @@ def test_forward_mode_ad_without_a_process_group_is_plain_batchnorm() -> None:
     assert_close(ours.tangent, theirs.tangent, torch.float64, "tangent")
 
 
-# --------------------------------------------------------------------------- defect 7: process groups
+# --------------------------------------------------------------------------- process groups
 
 
 _GROUPS: dict[str, Any] = {}
