@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -50,6 +51,14 @@ _MAX_LOSS = {torch.float64: 64.0, torch.float32: 64.0, torch.float16: 4.0, torch
 
 # Below this |weight| a channel keeps its input whatever K says: the backward's 1 / weight^2 stays < 2^100.
 _MIN_WEIGHT = 2.0**-50
+
+
+def _transformed() -> bool:
+    """Whether forward-mode AD or a torch.func transform is active (the Function supports neither)."""
+    if forward_ad._current_level >= 0:
+        return True
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 class _Activation:
@@ -179,7 +188,8 @@ class SyncBatchNormActFunction(torch.autograd.Function):
         local_count = _stats.values_per_channel(x)
 
         def all_reduce(packed: Tensor) -> Tensor:
-            _comm.all_reduce_sum(packed, group, layer, "batch statistics")
+            if group is not None:  # None: one process, its own sums are the global ones
+                _comm.all_reduce_sum(packed, group, layer, "batch statistics")
             return packed
 
         # The statistics exactly as SyncBatchNormFunction.forward computes them (see there for why).
@@ -254,7 +264,8 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
     """The synchronised backward of the eager Function (one all-reduce of the 2C sums)."""
 
     def all_reduce(sums: Tensor) -> Tensor:
-        _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
+        if ctx.group is not None:
+            _comm.all_reduce_sum(sums, ctx.group, ctx.layer, "gradient sums")
         return sums
 
     grad_x, grad_weight, grad_bias = backward_gradients(
@@ -342,8 +353,10 @@ class SyncBatchNormAct(_BatchNorm):
     ``torch.nn.BatchNorm2d``.
 
     Communication is ``syncnorm.SyncBatchNorm``'s: one all-reduce forward, one of 2C values backward,
-    none in eval mode, without a process group or in a group of one rank, where it is
-    ``F.batch_norm`` followed by the activation.
+    none in eval mode, without a process group or in a group of one rank. The memory saving does not
+    depend on synchronisation: a training step in one process keeps only the output too. Eval mode, and a
+    one-process forward under forward-mode AD or a torch.func transform, are ``F.batch_norm`` followed by
+    the activation.
 
     Host syncs: a training step whose input or parameters need a gradient takes ONE (the ``nonzero`` that
     chooses the channels to keep; none for a layer without weight whose activation is not ELU, none under
@@ -488,7 +501,11 @@ class SyncBatchNormAct(_BatchNorm):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if self.training and self.eps <= 0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        if self.training and _compiling() and (group is not None or isinstance(factor, Tensor)):
+        # Training keeps only the output in one process too (no group: the Function's sums are this rank's
+        # own); eval mode, and a forward under forward-mode AD or torch.func in one process, are plain
+        # batch_norm + activation, which those transforms support.
+        plain = not self.training or (group is None and _transformed())
+        if not plain and _compiling():
             from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
 
             keep = torch.is_grad_enabled() and any(
@@ -498,7 +515,7 @@ class SyncBatchNormAct(_BatchNorm):
                 _traceable.group_name(group), description, self.activation, self.negative_slope, self.alpha,
                 keep,
             )
-        elif group is None or not self.training:
+        elif plain:
             output = F.batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
                                   factor, self.eps)  # type: ignore[arg-type]
             output = self._activation().forward_(output)

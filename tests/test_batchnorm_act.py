@@ -197,6 +197,32 @@ def rank_saved_and_double_backward(x: torch.Tensor, sizes: list[int], checkpoint
     return out
 
 
+def rank_one_process(cases: list[dict[str, Any]], kernels: str) -> dict[str, Any]:
+    """The steps of ``cases`` and what autograd keeps, in a process group of one rank (no synchronisation)."""
+    with use_kernels(kernels):
+        steps = [_act_steps(case) for case in cases]
+        layer = syncnorm.SyncBatchNormAct(CHANNELS, activation="leaky_relu")
+        with torch.no_grad():
+            layer.weight.copy_(WEIGHT.abs() + 0.5)
+            layer.bias.copy_(BIAS)
+        y, saved = _saved_by(layer, torch.randn(5, CHANNELS, 3, 4).requires_grad_())
+    large = [t for t in saved if t.numel() > CHANNELS]
+    return {"steps": steps, "is_output": [t.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+                                          for t in large]}
+
+
+@pytest.mark.parametrize("kernels", ["native", "fused"])
+def test_one_process_keeps_only_the_output_and_matches_float64(kernels: str) -> None:
+    """Memory saving has nothing to do with synchronisation: in one process the layer keeps only its output too
+    (as BatchNorm + activation would keep input, normalised tensor and output), with no collective."""
+    cases = _cases([6])
+    (report,) = run_on_ranks(1, rank_one_process, cases, kernels)
+    assert report["is_output"] == [True], report["is_output"]
+    for case, steps in zip(cases, report["steps"]):
+        _check(case, [steps])
+        assert all(step["forward_calls"] == [] and step["backward_calls"] == [] for step in steps)
+
+
 CHECKPOINTED = {**_case("leaky_relu", [2, 5], 7), "checkpoint": True}
 
 
