@@ -169,7 +169,8 @@ class PerChannel(NamedTuple):
     """The per-channel values of a training step once the global moments are known (statistics dtype).
 
     What the normalisation and the backward of either backend read; ``finish_statistics`` (aten ops)
-    and ``_triton.finish_statistics`` (one kernel) compute the same values.
+    and its fused twin ``_triton.finish_statistics`` (one kernel) compute them with the same float64
+    operations in the same order, rounded once: bitwise the same values.
     """
 
     num_values: Tensor  # float64, one value: the global number of values per channel
@@ -181,8 +182,7 @@ class PerChannel(NamedTuple):
     beta: Tensor  # bias - (m - about) * alpha: y = (x - about) * alpha + beta
     coef: Optional[Tensor]  # (2, C): -(alpha / n) * [1, invstd^2], the backward's per-sum factors (native)
     int_count: Optional[Tensor]  # int32 (1,): the global count, as batch_norm_backward_elemt takes it (fused)
-    var: Optional[Tensor]  # biased variance, rounded (aten path: the running-statistics update reads it)
-    moments: Optional[Tensor]  # float64 (2, C): global mean and biased variance (aten path only)
+    moments: Optional[Tensor]  # float64 (2, C): global mean and biased variance (None: the kernel used them)
 
 
 def finish_statistics(
@@ -193,52 +193,59 @@ def finish_statistics(
 
     ``shift``: the ``(C,)`` shift the buffer was packed about (None: zero). ``about`` is the
     per-channel point the normalisation measures from (the native kernels' local shift ``c``); None:
-    the rounded global mean itself (the fused kernels). Only the global mean and variance need
-    float64 (they come from a difference of large sums); everything after is a product or quotient,
-    exact to a few float32 ulps. ``coefficients``: also the native backward's factors; ``int_count``:
-    also the fused backward's int32 count. With a global count of zero the values are NaN; callers
-    check the count first.
+    the rounded global mean itself (the fused kernels). Every value is formed in float64 and rounded
+    once, by the same operations as ``_triton``'s finish kernel (the tests compare them bit for bit).
+    ``coefficients``: also the native backward's factors; ``int_count``: also the fused backward's
+    int32 count. With a global count of zero the values are NaN; callers check the count first.
     """
     channels = (summed.numel() - 1) // 2
     num_values = summed[0]
-    moments = summed[1:].view(2, channels) / num_values
-    mean_dev, var = moments
-    # Rounding can push a zero variance a hair below zero; a variance is never negative.
-    var = var.addcmul_(mean_dev, mean_dev, value=-1).clamp_(min=0)
-    mean = mean_dev if shift is None else mean_dev + shift
-    moments = torch.stack([mean, var])
-    mean_s, var_s = moments.to(dtype)
-    if about is None:
-        residual = offset = (mean - mean_s).to(dtype)
-    else:
-        residual, offset = (mean - torch.stack([mean_s, about])).to(dtype)
-    invstd = (var_s + eps).rsqrt_()
-    alpha = invstd if weight is None else invstd * weight
-    beta = torch.mul(offset, alpha).neg_() if bias is None else torch.addcmul(bias, offset, alpha, value=-1)
+    # Rows: mean, var, residual, invstd, residual * invstd^2, alpha, beta, coef (2); float64, rounded once.
+    block = torch.empty(9, channels, dtype=torch.float64, device=summed.device)
+    moments = torch.div(summed[1:].view(2, channels), num_values, out=block[:2])
+    mean, var = moments
+    # Rounding can push a zero variance a hair below zero; a variance is never negative (NaN stays NaN).
+    var.sub_(mean * mean).clamp_(min=0)
+    if shift is not None:
+        mean.add_(shift)
+    residual = torch.sub(mean, mean.to(dtype), out=block[2])
+    invstd = torch.add(var, eps, out=block[3]).sqrt_().reciprocal_()
+    alpha = block[5].copy_(invstd) if weight is None else torch.mul(invstd, weight, out=block[5])
+    offset = residual if about is None else mean - about
+    beta = torch.mul(offset, alpha, out=block[6]).neg_()
+    if bias is not None:
+        beta.add_(bias)
     invstd2 = invstd * invstd
-    coef = None
+    torch.mul(residual, invstd2, out=block[4])
     if coefficients:
-        coef = torch.empty(2, channels, dtype=dtype, device=summed.device)
-        torch.div(alpha, num_values, out=coef[0]).neg_()
-        torch.mul(coef[0], invstd2, out=coef[1])
+        torch.mul(torch.div(alpha, num_values, out=block[7]).neg_(), invstd2, out=block[8])
+    rounded = block.to(dtype)
     count = summed[:1].to(torch.int32) if int_count else None
-    return PerChannel(num_values, mean_s, invstd, residual, residual * invstd2, alpha, beta, coef, count, var_s,
-                      moments)
+    return PerChannel(num_values, rounded[0], rounded[3], rounded[2], rounded[4], rounded[5], rounded[6],
+                      rounded[7:] if coefficients else None, count, moments)
 
 
-def update_running_statistics(running_mean: Tensor, running_var: Tensor, stats: PerChannel, momentum: float,
+def update_running_statistics(running_mean: Tensor, running_var: Tensor, stats: PerChannel, momentum: float | Tensor,
                               *, guard_empty: bool = False) -> None:
+    """``update_running`` from a step's ``finish_statistics``."""
+    assert stats.moments is not None
+    update_running(running_mean, running_var, stats.num_values, stats.moments, momentum, guard_empty=guard_empty)
+
+
+def update_running(running_mean: Tensor, running_var: Tensor, num_values: Tensor, moments: Tensor,
+                   momentum: float | Tensor, *, guard_empty: bool = False) -> None:
     """Exponential (momentum=None: cumulative, given as 1/step) average of the GLOBAL statistics, in place.
 
-    The variance is unbiased with the global count. One foreach op for both buffers. ``guard_empty``:
-    the global count may be zero (not read on the host): the buffers then keep their values.
+    ``running + momentum * (statistic - running)`` in float64, rounded once to the buffer's dtype, the
+    variance unbiased with the global count ``num_values``: the same operations as ``_triton``'s finish
+    kernel, and the one update of eager and compiled steps alike. ``moments``: float64 ``(2, C)``, the
+    global mean and biased variance. ``guard_empty``: the global count may be zero (not read on the
+    host): the buffers then keep their values.
     """
-    assert stats.var is not None
-    n = stats.num_values
-    unbiased = stats.var * (n / (n - 1))
-    targets = [stats.mean.to(running_mean.dtype), unbiased.to(running_var.dtype)]
-    if not guard_empty:
-        torch._foreach_lerp_([running_mean, running_var], targets, momentum)
-        return
-    for buffer, target in zip((running_mean, running_var), targets):
-        buffer.copy_(torch.where(n > 0, buffer.lerp(target, momentum), buffer))
+    old = torch.stack([running_mean, running_var]).double()
+    target = moments.clone()
+    target[1].mul_(num_values / (num_values - 1))
+    new = old + momentum * (target - old)
+    if guard_empty:
+        new = torch.where(num_values > 0, new, old)
+    torch._foreach_copy_([running_mean, running_var], list(new.unbind(0)))

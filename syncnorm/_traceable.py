@@ -75,8 +75,8 @@ def _(summed: Tensor, local_size: str, layer: str) -> Tensor:
 class TraceableSyncBatchNormFunction(torch.autograd.Function):
     """Training-mode BatchNorm over the batch of every rank of the group ``group_name``.
 
-    Returns the output and, as non-differentiable outputs, the global count (float64 scalar), mean
-    and biased variance (statistics dtype, (C,)) from which the caller updates the running statistics.
+    Returns the output and, as non-differentiable outputs, the global count (float64 scalar) and the
+    float64 global mean and biased variance ((2, C)) from which the caller updates the running statistics.
     """
 
     @staticmethod
@@ -88,7 +88,7 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
         eps: float,
         group_name: Optional[str],
         layer: str,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor]:
         backend = _backends.choose(x, _missing_fused_ops)
         x = _kernels.keep_layout(x)
         local, summed, shift = _function.merged_statistics(
@@ -101,17 +101,16 @@ class TraceableSyncBatchNormFunction(torch.autograd.Function):
         # aten ops only (inductor fuses them), no state written inside the Function.
         stats = _backends.finish_statistics(backend, summed, local, shift, weight, bias, eps,
                                             _stats.statistics_dtype(x), None, None, 0.0, triton=False)
-        assert stats.moments is not None
         saved = _function.saved_for_backward(x, stats, local, weight)
         output = backend.normalize(x, local, stats, weight)
         ctx.save_for_backward(x, *saved)
         ctx.backend = backend
         ctx.group_name = group_name
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
-        assert stats.var is not None
-        count, mean, var = stats.num_values.clone(), stats.mean.clone(), stats.var.clone()
-        ctx.mark_non_differentiable(count, mean, var)
-        return output, count, mean, var
+        assert stats.moments is not None  # aten ops: the float64 moments for the running update
+        count, moments = stats.num_values.clone(), stats.moments.clone()
+        ctx.mark_non_differentiable(count, moments)
+        return output, count, moments
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor, *_: Any) -> tuple[Optional[Tensor], ...]:
@@ -143,34 +142,19 @@ def sync_batch_norm(
 
     The same collectives as the eager Function: one all-reduce of ``2C + 1`` values, two for float64 input.
     """
-    output, count, mean, var = TraceableSyncBatchNormFunction.apply(
-        input, weight, bias, eps, group_name, layer)
-    local_count = _stats.values_per_channel(input)
+    output, count, moments = TraceableSyncBatchNormFunction.apply(input, weight, bias, eps, group_name, layer)
     if running_mean is not None and running_var is not None:
-        _update_running_stats(running_mean, running_var, count, mean, var, momentum, local_count)
+        _update_running_stats(running_mean, running_var, count, moments, momentum, input)
     return output
 
 
-def _update_running_stats(
-    running_mean: Tensor, running_var: Tensor, count: Tensor, mean: Tensor, var: Tensor, momentum: Momentum,
-    local_count: int,
-) -> None:
-    """``_stats.update_running_statistics``' average, in place on the buffers (traced as buffer mutations).
-
-    ``mean`` and ``var`` are the rounded global mean and biased variance (statistics dtype).
-    """
+def _update_running_stats(running_mean: Tensor, running_var: Tensor, count: Tensor, moments: Tensor,
+                          momentum: Momentum, input: Tensor) -> None:
+    """The eager step's running update (``_stats.update_running``), in place on the buffers (traced as buffer
+    mutations). Only a rank with no values can see an all-empty global batch, which leaves them as they were."""
     with torch.no_grad():
-        unbiased = var * (count / (count - 1))
-        weight = momentum.to(running_mean.dtype) if isinstance(momentum, Tensor) else momentum
-        new_mean = running_mean.lerp(mean.to(running_mean.dtype), weight)
-        new_var = running_var.lerp(unbiased.to(running_var.dtype), weight)
-        if local_count == 0:
-            # Only a rank with no values can see an all-empty global batch; that leaves the statistics as they were.
-            empty = count == 0
-            new_mean = torch.where(empty, running_mean, new_mean)
-            new_var = torch.where(empty, running_var, new_var)
-        running_mean.copy_(new_mean)
-        running_var.copy_(new_var)
+        _stats.update_running(running_mean, running_var, count, moments, momentum,
+                              guard_empty=_stats.values_per_channel(input) == 0)
 
 
 def group_name(group: Any) -> Optional[str]:
@@ -240,16 +224,16 @@ class TraceableSyncBatchNormActFunction(torch.autograd.Function):
         ctx.activation = function
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.input_dtype = x.dtype
-        assert stats.var is not None
-        count, mean, var = stats.num_values.clone(), stats.mean.clone(), stats.var.clone()
+        assert stats.moments is not None  # aten ops: the float64 moments for the running update
+        count, moments = stats.num_values.clone(), stats.moments.clone()
         if fallback is None:
-            ctx.mark_non_differentiable(count, mean, var)
-            return y, count, mean, var
+            ctx.mark_non_differentiable(count, moments)
+            return y, count, moments
         # The index is an output too: dynamo needs the unbacked size the custom op creates in an output of
         # the Function (it is not differentiable, and the caller drops it).
         fallback = fallback.clone()
-        ctx.mark_non_differentiable(count, mean, var, fallback)
-        return y, count, mean, var, fallback
+        ctx.mark_non_differentiable(count, moments, fallback)
+        return y, count, moments, fallback
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor, *_: Any) -> tuple[Optional[Tensor], ...]:
@@ -283,8 +267,8 @@ def sync_batch_norm_act(
 
     ``keep``: whether a backward may follow (choose the channels that keep their input).
     """
-    output, count, mean, var, *_ = TraceableSyncBatchNormActFunction.apply(
+    output, count, moments, *_ = TraceableSyncBatchNormActFunction.apply(
         input, weight, bias, eps, group_name, layer, activation, negative_slope, alpha, keep)
     if running_mean is not None and running_var is not None:
-        _update_running_stats(running_mean, running_var, count, mean, var, momentum, _stats.values_per_channel(input))
+        _update_running_stats(running_mean, running_var, count, moments, momentum, input)
     return output

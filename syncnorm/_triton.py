@@ -257,4 +257,4 @@ def finish_statistics(
     finish = torch.ops.syncnorm.finish_statistics if torch.compiler.is_compiling() else _finish
     block, count = finish(summed, shift, about, weight, bias, running_mean, running_var, momentum, eps, dtype, channels)
     mean, invstd, residual, r_invstd2, alpha, beta = block[:6]
-    return _stats.PerChannel(summed[0], mean, invstd, residual, r_invstd2, alpha, beta, block[6:], count, None, None)
+    return _stats.PerChannel(summed[0], mean, invstd, residual, r_invstd2, alpha, beta, block[6:], count, None)

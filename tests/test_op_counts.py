@@ -103,10 +103,10 @@ def counting_triton_launches() -> Iterator[None]:
 # Exact (forward, backward) ops of a float32 step; the forward includes the module's num_batches_tracked
 # increment. "fused" and "native-triton" are what a GPU runs (the per-channel prologue and epilogue as one
 # Triton kernel each, launched directly in eager mode and counted as one op each, here in Triton's
-# interpreter). "native" is what a CPU runs: the same per-channel math in aten ops, ~25 small ops that only a
+# interpreter). "native" is what a CPU runs: the same per-channel math in aten ops, ~35 small ops that only a
 # fused kernel makes one (no Triton for CPU tensors outside its interpreter); "fused-aten" is a GPU without
 # Triton. The native kernels take bfloat16 input upcast: one more op each way (UPCAST_OPS).
-BUDGETS = {"fused": (7, 6), "native-triton": (9, 9), "native": (33, 9), "fused-aten": (44, 6)}
+BUDGETS = {"fused": (7, 6), "native-triton": (9, 9), "native": (42, 9), "fused-aten": (53, 6)}
 UPCAST_OPS = {"native-triton": 1, "native": 1}
 
 
