@@ -19,7 +19,7 @@ twin model trained eagerly on the same data: parameters, ``running_mean``, ``run
 - **A rank holding <= 1 value per channel.** In eager mode such a rank reads the global count on the host,
   to raise torch's "Expected more than 1 value per channel when training" for a global count of 1, or to
   leave the running statistics alone for an all-empty global batch. While a CUDA graph is captured it
-  reads nothing (issue 23): the running statistics are guarded on the device (an empty global batch keeps
+  reads nothing: the running statistics are guarded on the device (an empty global batch keeps
   them) and a count of 1 fails a device-side assertion. The test below captures an empty global batch
   for real; tests/test_capture_branch.py forces the branch on CPU ranks (uneven and empty ranks, zero
   host syncs, the float64 reference).

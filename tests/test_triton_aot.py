@@ -1,4 +1,4 @@
-"""Every Triton kernel variant syncnorm launches compiles for sm_80 and sm_90, without a GPU (issue 23 item 4).
+"""Every Triton kernel variant syncnorm launches compiles for sm_80 and sm_90, without a GPU.
 
 Triton's interpreter (``TRITON_INTERPRET=1``, tests/test_triton.py) runs the kernels' Python on CPU
 tensors: it accepts kernels that the GPU compiler refuses (a runtime value where a ``tl.constexpr``
