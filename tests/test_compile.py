@@ -1,18 +1,19 @@
 """torch.compile(fullgraph=True) through syncnorm layers: one graph, collectives inside it, eager-exact results.
 
-Every multi-rank case trains a float64 model for two steps (eager: the second merges about the cached
-candidate shifts of syncnorm/_shift.py; compiled: every step takes the two-pass merge) on W=2 Gloo
-ranks with uneven batches,
+Every multi-rank case trains a float64 model for two steps on W=2 Gloo ranks with uneven batches,
 compiled with ``fullgraph=True`` and eagerly from the same initial state, then runs one eval-mode
-forward. Compiled and eager agree to 1e-9 (output, input gradient, parameter gradients, running
+forward. A layer keeps nothing between steps, so every step, eager or compiled, first or later, takes
+the same collectives. Compiled and eager agree to 1e-9 (output, input gradient, parameter gradients, running
 statistics, ``num_batches_tracked``), and both agree with the oracle: torch's own float64 BatchNorm
 in one process on the concatenated batch.
 
 Most cases compile with an AOTAutograd backend that keeps the FX forward and backward graphs and
 runs them as they are (what ``aot_eager`` does), so the test can count the all-reduces inside them:
-one per layer in the forward graph (2C+1 values), one per layer in the backward graph (2C values),
-the sizes the eager layers send. One case compiles with inductor (C++ code generation, slow on 2
-cores, hence a single small model), one runs the ``fused`` kernels (tests/fused_cpu.py's CPU stand-ins).
+two per layer in the forward graph for float64 input (``(n, sum x)`` for the global mean, C+1 values,
+then the sums about it, 2C+1 values; float32 input takes the second only), one per layer in the
+backward graph (2C values), the sizes the eager layers send. One case compiles with inductor (C++ code
+generation, slow on 2 cores, hence a single small model), one runs the ``fused`` kernels
+(tests/fused_cpu.py's CPU stand-ins).
 
 Kept cheap (compilation dominates): one "mixed" model covers every layer kind users compile in one
 compilation; the other cases use a one-layer model; subsets run on W=2 (a group of one and a new
@@ -122,7 +123,7 @@ def inspecting_backend(log: dict[str, list[Any]]) -> Any:
         return compile_graph
 
     # The min-cut partitioner, as aot_eager and inductor use: the default partitioner of a bare aot_autograd
-    # backend copies a dead forward all-reduce of the two-pass merge into the backward graph (it keeps
+    # backend copies a dead forward all-reduce of the float64 two-pass merge into the backward graph (it keeps
     # collectives when it extracts the backward; the min-cut partitioner force-saves them and drops dead ones).
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -185,17 +186,9 @@ def _fullgraph_and_eager(kind: str, backend: str, x: torch.Tensor, dy: torch.Ten
         "unique_graphs": counters["stats"]["unique_graphs"],
         "group_name": torch.distributed.group.WORLD.group_name,
         "classes": sorted({type(m).__name__ for m in compiled_module.modules()}),
-        # Whether each layer's merge cache (syncnorm/_shift.py) is known after the steps.
-        "caches_known": [[_cache_known(m) for m in module.modules() if isinstance(m, syncnorm.SyncBatchNorm)]
-                         for module in (compiled_module, eager_module)],
     }
     torch._dynamo.reset()
     return report
-
-
-def _cache_known(layer: nn.Module) -> bool:
-    cache = layer.__dict__.get("_syncnorm_merge_shift")
-    return cache is not None and cache.shifts is not None
 
 
 def _reference(kind: str, x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
@@ -251,27 +244,31 @@ def _check_against_eager_and_reference(reports: list[dict[str, Any]], reference:
         torch.testing.assert_close(r["compiled"]["buffers"], r["eager"]["buffers"], **EXACT)
 
 
-def _check_graph_collectives(report: dict[str, Any], channels: list[int], recomputed: int = 0) -> None:
-    """The all-reduces of the graphs and of eager step 0 (syncnorm/_shift.py: a cache that is unknown takes two).
+def float64_merge(channels: int) -> list[int]:
+    """The sizes of a layer's forward all-reduces for float64 input: ``(n, sum x)``, then the sums about the mean."""
+    return [channels + 1, 2 * channels + 1]
 
-    Forward: a fresh layer's merge cache is unknown, so eager step 0 takes two all-reduces of 2C+1 values
-    per layer; the compiled layers never update the cache, so their forward graph takes those two at every
-    step. Backward: one of 2C per layer. ``recomputed``: the first layers are checkpointed; their forward
-    runs again inside backward (eager: the cache is known by then, one of 4C+1; compiled: the two again).
+
+def _check_graph_collectives(report: dict[str, Any], channels: list[int], recomputed: int = 0) -> None:
+    """The all-reduces of the graphs and of eager step 0, the same: a layer keeps nothing between steps.
+
+    Forward (float64 input): two all-reduces per layer, C+1 values for the global mean, then 2C+1 about
+    it, eager and compiled, at every step. Backward: one of 2C per layer. ``recomputed``: the first
+    layers are checkpointed; their forward runs again inside backward, with the forward's two all-reduces.
     """
     group = report["group_name"]
     eager = report["eager"]["collectives"]
-    two_passes = [2 * c + 1 for c in channels for _ in range(2)]
-    assert [(name, numel) for name, numel, _ in eager["forward"]] == [("all_reduce", n) for n in two_passes]
-    assert sorted(numel for _, numel, _ in eager["backward"]) == sorted(
-        [2 * c for c in channels] + [4 * c + 1 for c in channels[:recomputed]])
+    forward = [n for c in channels for n in float64_merge(c)]
+    backward_sizes = [2 * c for c in channels] + [n for c in channels[:recomputed] for n in float64_merge(c)]
+    assert [(name, numel) for name, numel, _ in eager["forward"]] == [("all_reduce", n) for n in forward]
+    assert sorted((name, numel) for name, numel, _ in eager["backward"]) == sorted(
+        ("all_reduce", n) for n in backward_sizes)
     # Two forward graphs: training, then eval (a recompile on the training flag); one backward graph.
     train_forward, eval_forward = report["graphs"]["forward"]
     (backward,) = report["graphs"]["backward"]
-    assert train_forward == [(n, group) for n in two_passes]
+    assert train_forward == [(n, group) for n in forward]
     # A checkpointed layer's recomputed forward syncs again inside the compiled backward too, as in eager.
-    assert sorted(backward) == sorted([(2 * c, group) for c in channels]
-                                      + [(2 * c + 1, group) for c in channels[:recomputed] for _ in range(2)]), backward
+    assert sorted(backward) == sorted((n, group) for n in backward_sizes), backward
     assert eval_forward == []  # eval mode never communicates
     # The compiled steps issued no eager collective: every one of them is in the graphs.
     assert report["compiled"]["collectives"] == {"forward": [], "backward": []}
@@ -286,10 +283,6 @@ def test_fullgraph_trains_like_eager_and_like_one_process() -> None:
         assert {"SyncBatchNormAct", "SyncBatchNormAct2d", "SyncBatchNorm"} <= set(report["classes"])
         assert report["unique_graphs"] == 2  # train and eval: no graph break, no other recompile
         _check_graph_collectives(report, [c for _, c in MIXED_LAYERS], recomputed=1)
-        # The compiled layers read the merge cache but never set it (README: torch.compile); eager ones do.
-        compiled_known, eager_known = report["caches_known"]
-        assert compiled_known and not any(compiled_known)
-        assert eager_known and all(eager_known)
 
 
 def test_fullgraph_inductor_trains_like_eager_and_like_one_process() -> None:
@@ -347,8 +340,7 @@ def test_one_compilation_for_many_differently_shaped_layers() -> None:
         assert report["unique_graphs"] == 1
         assert report["recompiles"] == {} and report["graph_breaks"] == {}
         (forward,), (backward,) = report["graphs"]["forward"], report["graphs"]["backward"]
-        # Two per layer: a compiled-only layer's merge cache stays unknown (syncnorm/_shift.py).
-        assert [numel for numel, _ in forward] == [2 * c + 1 for c in range(5, 14) for _ in range(2)]
+        assert [numel for numel, _ in forward] == [n for c in range(5, 14) for n in float64_merge(c)]
         assert sorted(numel for numel, _ in backward) == [2 * c for c in range(5, 14)]
 
 
@@ -415,7 +407,7 @@ def test_fullgraph_within_process_group_subsets() -> None:
                 torch.testing.assert_close(ours, expected, **EXACT)
         # Only the second layer communicates, on its own group by name (not the default group's).
         assert report["pair"] != report["world"]
-        assert report["graphs"]["forward"] == [[(9, report["pair"])] * 2]  # the two-pass merge (_shift)
+        assert report["graphs"]["forward"] == [[(n, report["pair"]) for n in float64_merge(4)]]
         assert report["graphs"]["backward"] == [[(8, report["pair"])]]
 
 
@@ -463,7 +455,7 @@ def test_ddp_under_compile_trains_like_eager_ddp() -> None:
         forwards = [c for graph in report["graphs"]["forward"] for c in graph]
         backwards = [c for graph in report["graphs"]["backward"] for c in graph]
         # Both layers' all-reduces are inside the compiled graphs (split by DDPOptimizer), training and eval.
-        assert forwards == [(9, group)] * 2  # the two-pass merge of a compiled-only layer (syncnorm/_shift.py)
+        assert forwards == [(n, group) for n in float64_merge(4)]
         assert backwards == [(8, group)]
         assert not any("syncnorm" in reason for reason in report["graph_breaks"]), report["graph_breaks"]
 
@@ -478,7 +470,7 @@ def test_fully_shard_under_compile_trains_like_eager_fully_shard() -> None:
         assert all(name.startswith("FSDP") for name in report["classes"]), report["classes"]  # fully_shard's class
         # dynamo skips FSDP2's hooks (torch._dynamo.config.skip_fsdp_hooks): they run eagerly, around the graphs,
         # which hold the syncnorm layer's all-reduces, training and eval, as without FSDP.
-        assert [c for graph in report["graphs"]["forward"] for c in graph] == [(9, group)] * 2
+        assert [c for graph in report["graphs"]["forward"] for c in graph] == [(n, group) for n in float64_merge(4)]
         assert [c for graph in report["graphs"]["backward"] for c in graph] == [(8, group)]
         assert not any("syncnorm" in reason for reason in report["graph_breaks"]), report["graph_breaks"]
 
@@ -564,7 +556,7 @@ def test_compiled_autograd_trains_like_eager_and_like_one_process() -> None:
         # Compiled autograd captures the backward once (reused at step 2) as one more forward-only graph, with
         # the layer's backward all-reduce inside it: training forward, backward, eval forward; no graph break.
         assert report["compiled_autograd"]["captures"] == 1, report["compiled_autograd"]
-        assert report["graphs"]["forward"] == [[(9, group)] * 2, [(8, group)], []]  # two-pass forward (_shift)
+        assert report["graphs"]["forward"] == [[(n, group) for n in float64_merge(4)], [(8, group)], []]
         assert report["graphs"]["backward"] == []
         assert report["graph_breaks"] == {}
         assert report["compiled"]["collectives"] == {"forward": [], "backward": []}
@@ -608,7 +600,7 @@ def test_global_batch_of_one_value_raises_on_every_rank_under_compile() -> None:
 ACT_WEIGHT = torch.tensor([0.0, -0.7, 1.3, 0.02], dtype=torch.float64)
 ACT_BIAS = torch.tensor([0.4, -0.3, 0.1, 2.0], dtype=torch.float64)
 ACT_LAYERS = [("leaky_relu", {"negative_slope": 0.1}), ("elu", {"alpha": 0.8}), ("identity", {})]
-ACT_STEPS = 3  # one eager step (it leaves the merge cache known), then two compiled ones
+ACT_STEPS = 3  # one eager step, then two compiled ones (unless checkpointed: three compiled ones)
 
 
 class ReferenceBatchNormAct(nn.BatchNorm2d):
@@ -676,7 +668,7 @@ def rank_act_fullgraph(backend: str, activations: list[tuple[str, dict[str, Any]
     """SyncBatchNormAct layers: one eager training step, then the rest compiled with fullgraph=True.
 
     ``checkpointed``: the layers run under non-reentrant activation checkpointing (recomputed in backward), and
-    every step compiled: the merge cache stays unknown (two forward all-reduces a layer, syncnorm/_shift.py).
+    every step compiled.
     """
     from torch._dynamo.utils import counters
 
@@ -732,15 +724,169 @@ def test_fullgraph_batchnorm_act_trains_like_one_process(case: str) -> None:
         assert report["unique_graphs"] == 1 and report["graph_breaks"] == {}, report
         for step in report["steps"][0 if checkpointed else 1:]:
             assert step["eager_collectives"] == []
+        if not checkpointed:  # the eager step: the same all-reduces as the graphs below
+            assert [(name, numel) for name, numel, _ in report["steps"][0]["eager_collectives"]] == (
+                [("all_reduce", n) for n in float64_merge(4)] * len(layers) + [("all_reduce", 2 * 4)] * len(layers))
         if backend != "inspect":
             continue
         group = report["group_name"]
         (forward,), (backward,) = report["graphs"]["forward"], report["graphs"]["backward"]
-        # After an eager first step each merge cache is known: one all-reduce of 4C+1 values a layer forward.
-        # Compiled from the first step (the checkpointed case) it stays unknown: two of 2C+1 (the global mean,
-        # then the sums about it), which the compiled backward runs again for its recomputed forward.
-        merge = [(2 * 4 + 1, group)] * 2 if checkpointed else [(4 * 4 + 1, group)]
+        # Every step, eager or compiled: two all-reduces a layer forward (float64 input: the global mean, then
+        # the sums about it), which the compiled backward runs again for a checkpointed (recomputed) forward.
+        merge = [(n, group) for n in float64_merge(4)]
         assert forward == merge * len(layers), forward
         recomputed = merge * len(layers) if checkpointed else []
         assert sorted(backward) == sorted(recomputed + [(2 * 4, group)] * len(layers)), backward
         assert "syncnorm.act_fallback_channels.default" in report["graphs"]["ops"][0]
+
+
+# --------------------------------------------------------------------------- compiled steps are like any other step
+# A layer's results are a function of its parameters, buffers, input and group only: compiling it after eager steps,
+# or resuming from its state_dict, changes nothing.
+
+STATELESS_CHANNELS = 4
+STATELESS_MOMENTUM = 0.5  # keeps any step's error visible in the running statistics
+KERNELS = ["native", "fused"]  # tests/distributed.py KERNEL_SETTINGS: aten; torch's fused kernels + Triton epilogues
+
+
+def _stateless_layer(synced: bool, dtype: torch.dtype) -> nn.Module:
+    """A SyncBatchNorm (or, for the oracle, torch's BatchNorm1d) with weights and bias that are not 1 and 0."""
+    layer_class: Callable[..., nn.Module] = syncnorm.SyncBatchNorm if synced else nn.BatchNorm1d
+    layer = layer_class(STATELESS_CHANNELS, momentum=STATELESS_MOMENTUM, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(1 + 0.1 * torch.arange(STATELESS_CHANNELS))
+        layer.bias.copy_(0.1 * torch.arange(STATELESS_CHANNELS))
+    return layer
+
+
+def _stateless_data(steps: int, mean: float, std: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    x = mean + std * torch.randn(steps, sum(SIZES), STATELESS_CHANNELS, 6, generator=generator, dtype=torch.float64)
+    dy = torch.randn(steps, sum(SIZES), STATELESS_CHANNELS, 6, generator=generator, dtype=torch.float64)
+    return x.to(dtype), dy.to(dtype)
+
+
+def _layer_step(model: Callable[..., torch.Tensor], layer: nn.Module, x: torch.Tensor,
+                dy: torch.Tensor) -> dict[str, Any]:
+    """One training step of ``model`` (``layer`` or its compiled form) on this rank's slice; what it produced."""
+    inp = my_slice(x, SIZES).requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    COLLECTIVES.reset()
+    y = model(inp)
+    forward = [(name, numel) for name, numel, _ in COLLECTIVES.calls]
+    COLLECTIVES.reset()
+    (y * my_slice(dy, SIZES)).sum().backward()
+    return {"y": y.detach(), "grad_x": inp.grad, "grads": {n: p.grad.clone() for n, p in layer.named_parameters()},
+            "buffers": {n: b.clone() for n, b in layer.named_buffers()},
+            "collectives": (forward, [(name, numel) for name, numel, _ in COLLECTIVES.calls])}
+
+
+EAGER_STEPS, COMPILED_STEPS = 2, 2
+
+
+def rank_compiled_after_eager(kernels: str, x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
+    """A float64 layer trained eagerly for EAGER_STEPS, then compiled (fullgraph) for COMPILED_STEPS."""
+    from torch._dynamo.utils import counters
+
+    with use_kernels(kernels):
+        torch._dynamo.reset()
+        counters.clear()
+        layer = _stateless_layer(True, torch.float64)
+        graphs: dict[str, list[Any]] = {"forward": [], "backward": []}
+        compiled = torch.compile(layer, backend=inspecting_backend(graphs), fullgraph=True)
+        steps = [_layer_step(layer if step < EAGER_STEPS else compiled, layer, x[step], dy[step])
+                 for step in range(EAGER_STEPS + COMPILED_STEPS)]
+        report = {"steps": steps, "graphs": graphs, "unique_graphs": counters["stats"]["unique_graphs"],
+                  "graph_breaks": dict(counters["graph_break"]), "group_name": torch.distributed.group.WORLD.group_name}
+        torch._dynamo.reset()
+        return report
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_compiled_steps_after_eager_ones_are_exact_like_any_other_step(kernels: str) -> None:
+    """float64 at mean 1e6 / std 1: two eager steps, then two compiled ones, each against the float64 oracle.
+
+    The oracle (torch's BatchNorm1d in one process on the whole batch) runs every step from the layer's initial
+    state: its running statistics are its own, never syncnorm's.
+    """
+    x, dy = _stateless_data(EAGER_STEPS + COMPILED_STEPS, 1e6, 1.0, torch.float64)
+    reports = run_on_ranks(2, rank_compiled_after_eager, kernels, x, dy, timeout=COMPILE_TIMEOUT_S)
+    reference = _stateless_layer(False, torch.float64)
+    for step in range(EAGER_STEPS + COMPILED_STEPS):
+        what = f"{'eager' if step < EAGER_STEPS else 'compiled'} step {step}"
+        inp = x[step].clone().requires_grad_()
+        reference.zero_grad(set_to_none=True)
+        y = reference(inp)
+        (y * dy[step]).sum().backward()
+        torch.testing.assert_close(torch.cat([r["steps"][step]["y"] for r in reports]), y.detach(), rtol=0,
+                                   atol=1e-9, msg=lambda m, what=what: f"{what} output: {m}")
+        assert inp.grad is not None
+        grad_x = torch.cat([r["steps"][step]["grad_x"] for r in reports])
+        torch.testing.assert_close(grad_x, inp.grad, rtol=0, atol=1e-9 * float(inp.grad.abs().max()),
+                                   msg=lambda m, what=what: f"{what} input gradient: {m}")
+        for name, p in reference.named_parameters():
+            assert p.grad is not None
+            # Each rank holds the gradient of its own share of the loss; the shares sum to the oracle's.
+            ours = sum(r["steps"][step]["grads"][name] for r in reports)
+            torch.testing.assert_close(ours, p.grad, rtol=0, atol=1e-9 * float(p.grad.abs().max()),
+                                       msg=lambda m, what=what, name=name: f"{what} grad of {name}: {m}")
+        for r in reports:
+            buffers = r["steps"][step]["buffers"]
+            torch.testing.assert_close(buffers["running_var"], reference.running_var, rtol=1e-10, atol=0,
+                                       msg=lambda m, what=what: f"{what} running_var: {m}")
+            torch.testing.assert_close(buffers["running_mean"], reference.running_mean, rtol=1e-14, atol=0,
+                                       msg=lambda m, what=what: f"{what} running_mean: {m}")
+            assert int(buffers["num_batches_tracked"]) == step + 1
+    merge = float64_merge(STATELESS_CHANNELS)
+    for report in reports:
+        assert report["unique_graphs"] == 1 and report["graph_breaks"] == {}, report
+        group = report["group_name"]
+        # Every step the same collectives: eager ones issued by the layer, compiled ones inside the graphs.
+        for step in report["steps"][:EAGER_STEPS]:
+            assert step["collectives"] == ([("all_reduce", n) for n in merge], [("all_reduce", 2 * STATELESS_CHANNELS)])
+        for step in report["steps"][EAGER_STEPS:]:
+            assert step["collectives"] == ([], [])
+        assert report["graphs"]["forward"] == [[(n, group) for n in merge]]
+        assert report["graphs"]["backward"] == [[(2 * STATELESS_CHANNELS, group)]]
+
+
+def rank_resumed_compiled(kernels: str, x: torch.Tensor, dy: torch.Tensor) -> dict[str, Any]:
+    """A layer trained one eager and one compiled step, and a fresh one that loaded its state_dict: two more
+    compiled steps of each on the same batches."""
+    with use_kernels(kernels):
+        torch._dynamo.reset()
+        trained = _stateless_layer(True, x.dtype)
+        compiled_trained = torch.compile(trained, backend="aot_eager", fullgraph=True)
+        for step, model in enumerate((trained, compiled_trained)):
+            _layer_step(model, trained, x[step], dy[step])
+        fresh = _stateless_layer(True, x.dtype)
+        with torch.no_grad():  # a fresh layer's own initial values, so that the load is what makes them equal
+            for t in [*fresh.parameters(), *fresh.buffers()]:
+                t.copy_(torch.full_like(t, 7))
+        fresh.load_state_dict(trained.state_dict())
+        compiled_fresh = torch.compile(fresh, backend="aot_eager", fullgraph=True)
+        report: dict[str, list[Any]] = {"trained": [], "fresh": []}
+        for step in (2, 3):
+            report["trained"].append(_layer_step(compiled_trained, trained, x[step], dy[step]))
+            report["fresh"].append(_layer_step(compiled_fresh, fresh, x[step], dy[step]))
+        torch._dynamo.reset()
+        return report
+
+
+# dtype: (data mean, data std)
+RESUME_CASES = {torch.float32: (1e3, 1.0), torch.float64: (1e6, 1.0)}
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("dtype", RESUME_CASES, ids=[str(d).removeprefix("torch.") for d in RESUME_CASES])
+def test_fresh_layer_loading_a_trained_state_dict_continues_it_bitwise_under_compile(dtype: torch.dtype,
+                                                                                     kernels: str) -> None:
+    """Outputs, input gradients, parameter gradients and buffers of the next two compiled steps: bitwise equal."""
+    x, dy = _stateless_data(4, *RESUME_CASES[dtype], dtype)
+    for rank, report in enumerate(run_on_ranks(2, rank_resumed_compiled, kernels, x, dy, timeout=COMPILE_TIMEOUT_S)):
+        for step, (trained, fresh) in enumerate(zip(report["trained"], report["fresh"], strict=True)):
+            assert trained["y"].dtype == dtype
+            for key in ("y", "grad_x", "grads", "buffers"):
+                what = f"rank {rank}, step {step}, {key}"
+                torch.testing.assert_close(fresh[key], trained[key], rtol=0, atol=0,
+                                           msg=lambda m, what=what: f"{what}: {m}")

@@ -33,139 +33,152 @@ def _reference(batches: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
     return x.mean((0, 2)), x.var((0, 2), correction=0), x.numel() // x.shape[1]
 
 
+def _common_shift(batches: list[torch.Tensor]) -> torch.Tensor:
+    """The shift float64 input is packed about: the global mean from the rank-summed [n, sum x] about zero."""
+    channels = batches[0].shape[1]
+    head = sum(_stats.pack_moments(_stats.local_moments(x))[: 1 + channels] for x in batches)
+    assert isinstance(head, torch.Tensor)
+    return _stats.global_mean(head)
+
+
 @pytest.mark.parametrize("mean,std", [(0.0, 1.0), (1e4, 1e-2)], ids=["standard", "large-mean"])
-@pytest.mark.parametrize("shifts_kind", ["none", "one", "two"], ids=["no-shift", "one-shift", "two-shifts"])
-def test_pack_kernel_equals_aten_and_merges_to_the_float64_moments(mean: float, std: float, shifts_kind: str) -> None:
+@pytest.mark.parametrize("about", ["zero", "common-shift"])
+def test_pack_kernel_equals_aten_and_merges_to_the_float64_moments(mean: float, std: float, about: str) -> None:
     batches = _rank_batches(mean, std)
     ref_mean, ref_var, count = _reference(batches)
-    near = ref_mean + 0.5 * std  # a common shift near (not at) the mean
-    shifts = {"none": None, "one": near, "two": torch.stack([torch.zeros_like(near), near])}[shifts_kind]
-    rows = 2 if shifts_kind == "two" else 1
-    packed_triton = torch.zeros(1 + 2 * rows * 5, dtype=torch.float64)
+    shift = _common_shift(batches) if about == "common-shift" else None
+    packed_triton = torch.zeros(1 + 2 * 5, dtype=torch.float64)
     for x in batches:
         local = _stats.local_moments(x)
-        triton_packed = _triton.pack_moments(local, shifts)
-        aten_packed = _stats.pack_moments(local, shifts)
+        triton_packed = _triton.pack_moments(local, shift)
+        aten_packed = _stats.pack_moments(local, shift)
+        assert triton_packed.shape == aten_packed.shape == (1 + 2 * 5,)
         torch.testing.assert_close(triton_packed, aten_packed, rtol=1e-12, atol=1e-12 * count * max(mean, std, 1.0))
         packed_triton += triton_packed
-    # The sums about the shift near the mean (the last row) merge to the float64 moments.
-    last = torch.cat([packed_triton[:1], packed_triton[1 + (rows - 1) * 5: 1 + rows * 5], packed_triton[-5:]])
-    merged = _stats.unpack_moments(last, None if shifts is None else near)
+    merged = _stats.unpack_moments(packed_triton, shift)
     assert merged.num_values.item() == count
     torch.testing.assert_close(merged.mean, ref_mean, rtol=0, atol=1e-6 * std)  # float32 local sums
-    # About zero (no shift) a float64 merge keeps ~1e-16 (mean / std)^2 of the variance (_stats docstring).
-    far = (mean / std) ** 2 if shifts is None else 0.0
+    # About zero a float64 merge keeps ~1e-16 (mean / std)^2 of the variance (_stats docstring); about the
+    # global mean, float64's rounding only.
+    far = (mean / std) ** 2 if shift is None else 0.0
     torch.testing.assert_close(merged.var, ref_var, rtol=1e-5 + 4e-16 * far, atol=0)
 
 
-def _finish_both(summed: torch.Tensor, shifts: Optional[torch.Tensor], about: Optional[torch.Tensor],
-                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                 in_place: bool = False) -> tuple[dict, dict]:
-    """The Triton kernel's and the aten ops' values; ``in_place``: the next candidates overwrite ``shifts``."""
+def _finish_both(summed: torch.Tensor, shift: Optional[torch.Tensor], about: Optional[torch.Tensor],
+                 weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], dtype: torch.dtype,
+                 guard_empty: bool = False) -> tuple[dict, dict]:
+    """The Triton kernel's values, and those of ``_stats.finish_statistics`` + ``update_running_statistics``."""
     results = []
     for use_triton in (True, False):
-        running_mean, running_var = torch.full((5,), 2.0), torch.full((5,), 3.0)
-        shifts_copy = None if shifts is None else shifts.clone()
-        next_shifts = shifts_copy if in_place else torch.full((2, 5), 7.0, dtype=torch.float64)
+        running_mean, running_var = torch.full((5,), 2.0, dtype=dtype), torch.full((5,), 3.0, dtype=dtype)
         if use_triton:
-            stats = _triton.finish_statistics(summed, shifts_copy, about, weight, bias, 1e-5, torch.float32,
-                                              running_mean, running_var, 0.1, next_shifts, 5)
+            stats = _triton.finish_statistics(summed, shift, about, weight, bias, 1e-5, dtype,
+                                              running_mean, running_var, 0.1, 5)
         else:
-            stats = _stats.finish_statistics(summed, shifts_copy, about, weight, bias, 1e-5, torch.float32,
-                                             coefficients=True, int_count=True, next_shifts=next_shifts)
-            _stats.update_running_statistics(running_mean, running_var, stats, 0.1)
+            stats = _stats.finish_statistics(summed, shift, about, weight, bias, 1e-5, dtype,
+                                             coefficients=True, int_count=True)
+            _stats.update_running_statistics(running_mean, running_var, stats, 0.1, guard_empty=guard_empty)
         values = {key: getattr(stats, key) for key in ("mean", "invstd", "residual", "r_invstd2", "alpha", "beta",
                                                         "coef", "int_count")}
-        values.update(running_mean=running_mean, running_var=running_var, next_shifts=next_shifts)
+        values.update(running_mean=running_mean, running_var=running_var)
         results.append(values)
     return results[0], results[1]
 
 
-def _candidates(ref_mean: torch.Tensor, kind: str) -> torch.Tensor:
-    """Candidate shifts: one near the mean; or two, the near one in row 0 for channels 0-2 and in row 1 for 3-4,
-    the other one zero (1e4 / 1e-2 = 1e6 standard deviations away: its sums would lose ~1e-4 of the variance)."""
-    near = (ref_mean + 1e-3).view(1, 5)
-    if kind == "one":
-        return near
-    rows = torch.zeros(2, 5, dtype=torch.float64)
-    rows[0, :3], rows[1, 3:] = near[0, :3], near[0, 3:]
-    return rows
+# (data mean, data std, packed about, statistics dtype): float32/half input sums about zero, float64 input
+# about the global mean (_function.merged_statistics); each kernel also with the other dtype.
+FINISH_CASES = {
+    "about-zero-float32": (3.0, 0.5, "zero", torch.float32),
+    "about-zero-float64": (3.0, 0.5, "zero", torch.float64),
+    "common-shift-float64": (1e4, 1e-2, "common-shift", torch.float64),
+    "common-shift-float32": (1e4, 1e-2, "common-shift", torch.float32),
+}
 
 
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
 @pytest.mark.parametrize("about_local", [False, True], ids=["about-mean", "about-local-shift"])
-@pytest.mark.parametrize("kind", ["one", "two"], ids=["one-candidate", "two-candidates"])
-def test_finish_kernel_equals_aten_and_the_float64_statistics(affine: bool, about_local: bool, kind: str) -> None:
-    batches = _rank_batches(1e4, 1e-2)
+@pytest.mark.parametrize("case", FINISH_CASES, ids=list(FINISH_CASES))
+def test_finish_kernel_equals_aten_and_the_float64_statistics(affine: bool, about_local: bool, case: str) -> None:
+    mean, std, packed_about, dtype = FINISH_CASES[case]
+    batches = _rank_batches(mean, std)
     ref_mean, ref_var, count = _reference(batches)
-    shifts = _candidates(ref_mean, kind)
-    summed = sum(_stats.pack_moments(_stats.local_moments(x), shifts) for x in batches)
+    shift = _common_shift(batches) if packed_about == "common-shift" else None
+    summed = sum(_stats.pack_moments(_stats.local_moments(x), shift) for x in batches)
     assert isinstance(summed, torch.Tensor)
-    weight = torch.linspace(0.5, 1.5, 5) if affine else None
-    bias = torch.linspace(-1, 1, 5) if affine else None
-    about = _stats.local_moments(batches[0]).shift if about_local else None
-    by_triton, by_aten = _finish_both(summed, shifts, about, weight, bias, in_place=kind == "two")
+    weight = torch.linspace(0.5, 1.5, 5, dtype=dtype) if affine else None
+    bias = torch.linspace(-1, 1, 5, dtype=dtype) if affine else None
+    about = _stats.local_moments(batches[0]).shift.to(dtype) if about_local else None
+    by_triton, by_aten = _finish_both(summed, shift, about, weight, bias, dtype)
     for key, value in by_triton.items():
+        assert value.dtype == by_aten[key].dtype, key
         torch.testing.assert_close(value, by_aten[key], rtol=2e-6, atol=1e-6, msg=key)
 
-    # Against the float64 statistics of the data themselves (a wrongly chosen candidate fails invstd here).
+    # Against the float64 statistics of the data themselves (sums about a wrong shift fail invstd here).
     invstd = (ref_var + 1e-5).rsqrt()
     w = torch.ones(5, dtype=torch.float64) if weight is None else weight.double()
     b = torch.zeros(5, dtype=torch.float64) if bias is None else bias.double()
-    mean32 = ref_mean.float()
+    rounded = ref_mean.to(dtype)
     assert by_triton["int_count"].tolist() == [count]
-    torch.testing.assert_close(by_triton["mean"], mean32, rtol=0, atol=0)
+    # float32: the float64 mean rounded; float64: the mean itself, to a few ulps of the float64 sums.
+    torch.testing.assert_close(by_triton["mean"], rounded, rtol=0 if dtype == torch.float32 else 1e-14, atol=0)
     torch.testing.assert_close(by_triton["invstd"].double(), invstd, rtol=1e-5, atol=0)
-    torch.testing.assert_close(by_triton["residual"].double(), ref_mean - mean32.double(), rtol=1e-3, atol=1e-9)
-    offset = ref_mean - (mean32.double() if about is None else about.double())
+    torch.testing.assert_close(by_triton["residual"].double(), ref_mean - rounded.double(), rtol=1e-3, atol=1e-9)
+    offset = ref_mean - (rounded.double() if about is None else about.double())
     torch.testing.assert_close(by_triton["beta"].double(), b - offset * w * invstd, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(by_triton["coef"].double(),
-                               torch.stack([-w * invstd / count, -w * invstd**3 / count]).float().double(),
+                               torch.stack([-w * invstd / count, -w * invstd**3 / count]).to(dtype).double(),
                                rtol=1e-5, atol=0)
     torch.testing.assert_close(by_triton["running_mean"].double(), 2.0 + 0.1 * (ref_mean - 2.0), rtol=1e-6, atol=0)
     unbiased = ref_var * count / (count - 1)
     torch.testing.assert_close(by_triton["running_var"].double(), 3.0 + 0.1 * (unbiased - 3.0), rtol=1e-6, atol=0)
-    # The next candidates: this mean, then the candidate each channel chose (the near one).
+
+
+# 0 / 0 in the interpreter (numpy warns): the statistics of an empty batch are NaN, as on the GPU.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_finish_kernel_keeps_the_running_statistics_of_an_empty_global_batch() -> None:
+    """A global count of zero (every value NaN): the kernel keeps the running statistics, as the guarded aten update."""
+    summed = torch.zeros(1 + 2 * 5, dtype=torch.float64)
+    by_triton, by_aten = _finish_both(summed, None, None, None, None, torch.float32, guard_empty=True)
     for values in (by_triton, by_aten):
-        torch.testing.assert_close(values["next_shifts"][0], ref_mean, rtol=1e-12, atol=0)
-        assert torch.equal(values["next_shifts"][1], ref_mean + 1e-3)
+        assert torch.equal(values["running_mean"], torch.full((5,), 2.0))
+        assert torch.equal(values["running_var"], torch.full((5,), 3.0))
+        assert values["int_count"].tolist() == [0]
 
 
-def test_finish_kernel_keeps_the_first_candidate_where_the_mean_is_not_finite() -> None:
-    x = torch.randn(6, 5)
-    x[0, 2], x[1, 4] = float("nan"), float("inf")
-    shifts = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0], [0.5, 1.5, 2.5, 3.5, 4.5]], dtype=torch.float64)
-    summed = _stats.pack_moments(_stats.local_moments(x), shifts)
-    for values in _finish_both(summed, shifts, None, None, None, in_place=True):
-        following = values["next_shifts"]
-        assert torch.isfinite(following).all(), following
-        assert following[0, 2] == 3.0 and following[0, 4] == 5.0  # kept: the mean there is NaN / inf
-        torch.testing.assert_close(following[0, :2], x[:, :2].double().mean(0), rtol=1e-6, atol=1e-6)
-
-
-def test_finish_kernel_leaves_state_alone_without_buffers() -> None:
-    summed = _stats.pack_moments(_stats.local_moments(torch.randn(6, 5)))
-    shifts = torch.zeros(1, 5, dtype=torch.float64)
-    _triton.finish_statistics(summed, shifts, None, None, None, 1e-5, torch.float32, None, None, 0.1, None, 5)
-    assert torch.equal(shifts, torch.zeros(1, 5, dtype=torch.float64))
+def test_finish_kernel_leaves_its_inputs_alone_without_buffers() -> None:
+    """Without running statistics the kernel writes only its own outputs (not the buffer or the shift it reads)."""
+    x = torch.randn(6, 5) + 4
+    shift = _common_shift([x])
+    summed = _stats.pack_moments(_stats.local_moments(x), shift)
+    summed_before, shift_before = summed.clone(), shift.clone()
+    stats = _triton.finish_statistics(summed, shift, None, None, None, 1e-5, torch.float32, None, None, 0.1, 5)
+    assert torch.equal(summed, summed_before) and torch.equal(shift, shift_before)
+    torch.testing.assert_close(stats.mean, x.double().mean(0).float(), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton kernels compiled for the GPU)")
 def test_kernels_compiled_for_cuda_equal_aten(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     batches = _rank_batches(1e4, 1e-2)
-    shift = _reference(batches)[0] + 1e-3
-    for x in batches + [torch.randn(1, 5, 1)]:  # a count of 1 per channel too (not a Triton constant)
-        local = _stats.local_moments(x)
-        on_gpu = _stats.LocalMoments(*[t.cuda() if isinstance(t, torch.Tensor) else t for t in local])
-        torch.testing.assert_close(_triton.pack_moments(on_gpu, shift.cuda()).cpu(), _stats.pack_moments(local, shift),
-                                   rtol=1e-12, atol=1e-9)
-    summed = sum(_stats.pack_moments(_stats.local_moments(x), shift) for x in batches)
-    assert isinstance(summed, torch.Tensor)
-    weight, bias = torch.linspace(0.5, 1.5, 5), torch.linspace(-1, 1, 5)
-    on_gpu = _triton.finish_statistics(summed.cuda(), shift.cuda().view(1, 5), None, weight.cuda(), bias.cuda(),
-                                       1e-5, torch.float32, None, None, 0.1, None, 5)
-    on_cpu = _stats.finish_statistics(summed, shift.view(1, 5), None, weight, bias, 1e-5, torch.float32,
-                                      coefficients=True, int_count=True)
-    for key in ("mean", "invstd", "residual", "r_invstd2", "alpha", "beta", "coef", "int_count"):
-        torch.testing.assert_close(getattr(on_gpu, key).cpu(), getattr(on_cpu, key), rtol=2e-6, atol=1e-6, msg=key)
+    for shift in (None, _common_shift(batches)):  # about zero, and about the global mean (float64 input)
+        on_device = None if shift is None else shift.cuda()
+        for x in batches + [torch.randn(1, 5, 1)]:  # a count of 1 per channel too (not a Triton constant)
+            local = _stats.local_moments(x)
+            on_gpu = _stats.LocalMoments(*[t.cuda() if isinstance(t, torch.Tensor) else t for t in local])
+            torch.testing.assert_close(_triton.pack_moments(on_gpu, on_device).cpu(), _stats.pack_moments(local, shift),
+                                       rtol=1e-12, atol=1e-9)
+        summed = sum(_stats.pack_moments(_stats.local_moments(x), shift) for x in batches)
+        assert isinstance(summed, torch.Tensor)
+        weight, bias = torch.linspace(0.5, 1.5, 5), torch.linspace(-1, 1, 5)
+        running = [torch.full((5,), 2.0), torch.full((5,), 3.0)]
+        running_gpu = [t.cuda() for t in running]
+        on_gpu = _triton.finish_statistics(summed.cuda(), on_device, None, weight.cuda(), bias.cuda(),
+                                           1e-5, torch.float32, *running_gpu, 0.1, 5)
+        on_cpu = _stats.finish_statistics(summed, shift, None, weight, bias, 1e-5, torch.float32,
+                                          coefficients=True, int_count=True)
+        _stats.update_running_statistics(*running, on_cpu, 0.1)
+        for key in ("mean", "invstd", "residual", "r_invstd2", "alpha", "beta", "coef", "int_count"):
+            torch.testing.assert_close(getattr(on_gpu, key).cpu(), getattr(on_cpu, key), rtol=2e-6, atol=1e-6,
+                                       msg=key)
+        for gpu, cpu in zip(running_gpu, running):
+            torch.testing.assert_close(gpu.cpu(), cpu, rtol=2e-6, atol=1e-6)

@@ -165,8 +165,8 @@ def drive_every_setting(samples: int, empty_samples: int) -> None:
     to and from those dtypes), and every combination of the layer's options in float32 (a flag that is off
     removes code, so its dtypes do not matter); the smallest and the largest block; momentum 0. Each on a
     rank with samples and, for every dtype pair, on a rank without; and a global batch without samples.
-    Two steps a layer: the first (unknown merge cache) packs about zero and about the global mean (one
-    candidate), the second about the two cached candidates.
+    Two steps a layer, as training runs them: float32, float16 and bfloat16 input pack about zero, float64
+    input about zero (the pass that finds the global mean), then about the global mean.
     """
     generator = torch.Generator().manual_seed(0)
     all_on: dict[str, Any] = dict(affine=True, track_running_stats=True, momentum=0.1)
@@ -183,7 +183,7 @@ def drive_every_setting(samples: int, empty_samples: int) -> None:
     runs += [(channels, torch.float32, torch.float32, all_on, samples) for channels in CHANNEL_SWEEP]
     # Triton types an integer argument by its value: momentum 0 passes its float64 bits as an i32 zero.
     runs += [(CHANNELS, torch.float32, torch.float32, dict(all_on, momentum=0.0), samples)]
-    # A global batch without samples updates nothing (no running statistics, no shift).
+    # A global batch without samples updates nothing (the running statistics keep their values).
     runs += [(CHANNELS, x_dtype, p_dtype, all_on, 0) for x_dtype, p_dtype in DTYPES[:2]]
     for setting in SETTINGS:
         with use_kernels(setting):
