@@ -147,6 +147,8 @@ def test_the_readme_script_runs_on_two_ranks() -> None:
     assert use_it.attrs.get("launch") == "2" and "skip" not in use_it.attrs, use_it.attrs
     for needed in ("init_process_group", "convert_model", "DistributedDataParallel", "destroy_process_group"):
         assert needed in use_it.code, f"README.md's script (line {use_it.line}) lacks {needed}"
+    home = next(b for b in BLOCKS if b.page == "docs/index.md" and b.language == "diff")
+    assert home.code == use_it.code, "docs/index.md's Use it must be the README's script, which the suite runs"
 
 
 def _outside_code_fences(text: str) -> str:
