@@ -39,14 +39,6 @@ class LocalMoments(NamedTuple):
     welford: bool = False
 
 
-class GlobalMoments(NamedTuple):
-    """Statistics of the whole (all-rank) batch, per channel."""
-
-    num_values: Tensor  # float64 scalar: number of values per channel over every rank
-    mean: Tensor  # float64 (C,)
-    var: Tensor  # float64 (C,), biased (divided by count): the one used to normalise
-
-
 def reduce_dims(x: Tensor) -> list[int]:
     """Every dimension but the channel one (dim 1)."""
     return [0, *range(2, x.dim())]
@@ -143,26 +135,6 @@ def global_mean(summed: Tensor) -> Tensor:
     """
     mean = summed[1:] / summed[0]
     return torch.nan_to_num(mean, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def unpack_moments(summed: Tensor, shift: Optional[Tensor] = None) -> GlobalMoments:
-    """Global count, mean and biased variance from the rank-summed buffer of ``pack_moments`` (same ``shift``).
-
-    With a global count of zero the mean and variance are NaN; callers check the count first.
-    """
-    channels = (summed.numel() - 1) // 2
-    num_values = summed[0]
-    mean_dev = summed[1 : 1 + channels] / num_values
-    mean_of_squares = summed[1 + channels :] / num_values
-    # Rounding can push a zero variance a hair below zero; a variance is never negative.
-    var = mean_of_squares.sub_(mean_dev * mean_dev).clamp_(min=0)
-    mean = mean_dev if shift is None else mean_dev.add_(shift)
-    return GlobalMoments(num_values, mean, var)
-
-
-def unbiased_var(moments: GlobalMoments) -> Tensor:
-    """Variance with Bessel's correction over the GLOBAL count (what running_var tracks)."""
-    return moments.var * (moments.num_values / (moments.num_values - 1))
 
 
 class PerChannel(NamedTuple):

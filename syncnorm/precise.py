@@ -294,8 +294,8 @@ def _set_population_statistics(
                 stacklevel=3,
             )
             continue
-        total = _stats.GlobalMoments(num_values, mean, (m2 / num_values).clamp_(min=0))
+        var = (m2 / num_values).clamp_(min=0)  # biased; running_var is unbiased with the global count
         with torch.no_grad():
             running_mean, running_var = _running(layer)
-            running_mean.copy_(total.mean)
-            running_var.copy_(_stats.unbiased_var(total))
+            running_mean.copy_(mean)
+            running_var.copy_(var * (num_values / (num_values - 1)))

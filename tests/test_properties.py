@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -48,10 +49,14 @@ def gamma(k: float, u: float) -> float:
     return k * u / (1 - k * u)
 
 
-def _merge(parts: list[torch.Tensor]) -> _stats.GlobalMoments:
-    """What W ranks compute: pack each part's moments, sum the buffers (the all-reduce), unpack."""
+def _merge(parts: list[torch.Tensor]) -> SimpleNamespace:
+    """What W ranks compute: pack each part's moments, sum the buffers (the all-reduce), finish the statistics."""
     packed = [_stats.pack_moments(_stats.local_moments(p)) for p in parts]
-    return _stats.unpack_moments(torch.stack(packed).sum(0))
+    summed = torch.stack(packed).sum(0)
+    stats = _stats.finish_statistics(summed, None, None, None, None, 1e-5, torch.float32, coefficients=False,
+                                     int_count=False)
+    assert stats.moments is not None
+    return SimpleNamespace(num_values=stats.num_values, mean=stats.moments[0], var=stats.moments[1])
 
 
 def _per_channel(x: torch.Tensor) -> torch.Tensor:

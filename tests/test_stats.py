@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from syncnorm import _stats
 
 
-def _merge(parts: list[torch.Tensor]) -> _stats.GlobalMoments:
+def _merge(parts: list[torch.Tensor]) -> SimpleNamespace:
+    """What W ranks compute: pack each part's moments, sum the buffers (the all-reduce), finish the statistics."""
     packed = [_stats.pack_moments(_stats.local_moments(p)) for p in parts]
-    return _stats.unpack_moments(torch.stack(packed).sum(0))
+    summed = torch.stack(packed).sum(0)
+    stats = _stats.finish_statistics(summed, None, None, None, None, 1e-5, torch.float32, coefficients=False,
+                                     int_count=False)
+    assert stats.moments is not None
+    return SimpleNamespace(num_values=stats.num_values, mean=stats.moments[0], var=stats.moments[1])
 
 
 @pytest.mark.parametrize("sizes", [[7], [3, 4], [0, 5, 0, 2], [1, 1, 1, 1, 1, 1]], ids=str)

@@ -55,13 +55,15 @@ def test_pack_kernel_equals_aten_and_merges_to_the_float64_moments(mean: float, 
         assert triton_packed.shape == aten_packed.shape == (1 + 2 * 5,)
         torch.testing.assert_close(triton_packed, aten_packed, rtol=1e-12, atol=1e-12 * count * max(mean, std, 1.0))
         packed_triton += triton_packed
-    merged = _stats.unpack_moments(packed_triton, shift)
-    assert merged.num_values.item() == count
-    torch.testing.assert_close(merged.mean, ref_mean, rtol=0, atol=1e-6 * std)  # float32 local sums
+    merged = _stats.finish_statistics(packed_triton, shift, None, None, None, 1e-5, torch.float64,
+                                      coefficients=False, int_count=False)
+    assert merged.num_values.item() == count and merged.moments is not None
+    merged_mean, merged_var = merged.moments
+    torch.testing.assert_close(merged_mean, ref_mean, rtol=0, atol=1e-6 * std)  # float32 local sums
     # About zero a float64 merge keeps ~1e-16 (mean / std)^2 of the variance (_stats docstring); about the
     # global mean, float64's rounding only.
     far = (mean / std) ** 2 if shift is None else 0.0
-    torch.testing.assert_close(merged.var, ref_var, rtol=1e-5 + 4e-16 * far, atol=0)
+    torch.testing.assert_close(merged_var, ref_var, rtol=1e-5 + 4e-16 * far, atol=0)
 
 
 def _finish_both(summed: torch.Tensor, shift: Optional[torch.Tensor], about: Optional[torch.Tensor],
