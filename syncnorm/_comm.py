@@ -64,6 +64,21 @@ def all_reduce_sum(buffer: Tensor, group: ProcessGroup, layer: str, what: str) -
         ) from error
 
 
+def all_reduce_max(buffer: Tensor, group: ProcessGroup) -> None:
+    """Element-wise maximum of ``buffer`` in place over every rank of ``group`` (joinable's messages)."""
+    dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=group)
+
+
+def world_group() -> ProcessGroup:
+    """The default group (the whole world)."""
+    return dist.group.WORLD
+
+
+def world_size(group: ProcessGroup) -> int:
+    """The number of ranks of ``group``."""
+    return dist.get_world_size(group)
+
+
 def group_rank(group: Optional[ProcessGroup]) -> int:
     """This process's rank in ``group``, or 0 when there is no group (one process), e.g. to report on one rank."""
     if group is None:

@@ -29,7 +29,7 @@ so every channel's gradients are exact. While a CUDA graph is captured it keeps 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -38,7 +38,16 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _backends, _comm, _function, _kernels, _stats, _validate
-from .batchnorm import _compiling, _refuse_forward_ad, _run_eagerly, begin_forward, check_input, recomputing_forward
+from .batchnorm import (
+    _compiling,
+    _refuse_forward_ad,
+    _refuse_functorch,
+    _run_eagerly,
+    begin_forward,
+    check_input,
+    recomputing_forward,
+    saved_output,
+)
 
 ACTIVATIONS = ("leaky_relu", "elu", "identity")
 
@@ -269,7 +278,7 @@ def _backward(ctx: Any, grad_output: Tensor) -> tuple[Optional[Tensor], ...]:
         return sums
 
     grad_x, grad_weight, grad_bias = backward_gradients(
-        ctx.backend, ctx.activation, ctx.saved_tensors, grad_output, ctx.needs_input_grad[:3], all_reduce)
+        ctx.backend, ctx.activation, saved_output(ctx, ctx.layer), grad_output, ctx.needs_input_grad[:3], all_reduce)
     weight_dtype, bias_dtype = ctx.param_dtypes
     return (None if grad_x is None else grad_x.to(ctx.input_dtype), _function._to(grad_weight, weight_dtype),
             _function._to(grad_bias, bias_dtype), None, None, None, None, None, None, None, None)
@@ -381,6 +390,7 @@ class SyncBatchNormAct(_BatchNorm):
             DeviceMesh (an N-D mesh pools all of its ranks).
         device: device of the parameters and buffers.
         dtype: dtype of the parameters and buffers.
+        bias: whether an affine layer has a bias.
         activation: ``"leaky_relu"``, ``"elu"`` or ``"identity"`` (the invertible ones; ReLU is not).
         negative_slope: leaky ReLU's slope for negative values; must be positive.
         alpha: ELU's alpha; must be positive.
@@ -394,7 +404,10 @@ class SyncBatchNormAct(_BatchNorm):
             that is not positive; from ``forward``, as ``syncnorm.SyncBatchNorm``: a bad input, ``eps <= 0``
             in training mode, a global batch of one value per channel.
         TypeError: from ``forward``: an input that is not a floating tensor of a dtype the kernels take.
-        NotImplementedError: forward-mode AD through a synchronised training forward.
+        NotImplementedError: forward-mode AD or a torch.func transform (grad, vmap, ...) through a synchronised
+            training forward, naming the layer.
+        RuntimeError: from backward: the layer's output was modified in place (``out += identity``); it names the
+            layer and how to fix it.
         SyncNormError: a problem between ranks, naming the layer, or a double backward through the layer.
 
     Example:
@@ -403,6 +416,8 @@ class SyncBatchNormAct(_BatchNorm):
         >>> y.shape
         torch.Size([8, 64, 16, 16])
     """
+
+    _syncnorm_layer: ClassVar[bool] = True  # is_syncnorm_layer's mark
 
     def __init__(
         self,
@@ -415,6 +430,7 @@ class SyncBatchNormAct(_BatchNorm):
         device: Optional[torch.device | str] = None,
         dtype: Optional[torch.dtype] = None,
         *,
+        bias: bool = True,
         activation: str = "leaky_relu",
         negative_slope: float = 0.01,
         alpha: float = 1.0,
@@ -432,7 +448,9 @@ class SyncBatchNormAct(_BatchNorm):
             )
         if activation == "elu" and not alpha > 0:
             raise ValueError(f"SyncBatchNormAct expected a positive alpha for elu, got {alpha}.")
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+        )
         self.process_group = _comm.resolve_group(process_group, "syncnorm.SyncBatchNormAct")
         self.layer_name: Optional[str] = None  # qualified name in the model, for error messages
         self.activation = activation
@@ -521,6 +539,7 @@ class SyncBatchNormAct(_BatchNorm):
             output = self._activation().forward_(output)
         else:
             _refuse_forward_ad(description, input, self.weight, self.bias)
+            _refuse_functorch(description, input, self.weight, self.bias)
             output = SyncBatchNormActFunction.apply(
                 input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, description,
                 self._activation(), torch.is_grad_enabled(),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,9 @@ class SyncBatchNorm(_BatchNorm):
         >>> y.shape
         torch.Size([8, 64, 32, 32])
     """
+
+    # The mark that ``is_syncnorm_layer`` reads; SyncBatchNormAct and convert_model's generated classes carry it too.
+    _syncnorm_layer: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -203,6 +206,14 @@ class SyncBatchNorm(_BatchNorm):
         return convert_model(module, process_group)
 
 
+def is_syncnorm_layer(module: Any) -> bool:
+    """Whether ``module`` is a syncnorm layer: SyncBatchNorm (subclasses too), SyncBatchNormAct, a generated Sync<Name>.
+
+    The one membership test: convert, revert, joinable, precise-BN and Lightning all ask it.
+    """
+    return isinstance(module, _BatchNorm) and bool(getattr(type(module), "_syncnorm_layer", False))
+
+
 # The dtypes the kernels take; anything else (float8, integers, complex) is refused before any collective.
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -312,6 +323,28 @@ def sync_batch_norm(
         input, weight, bias, running_mean, running_var, eps, momentum, group, layer
     )
     return output
+
+
+def saved_output(ctx: Any, layer: str) -> tuple[Optional[Tensor], ...]:
+    """``ctx.saved_tensors`` of a Function that keeps its output; an in-place change of it raises naming the layer.
+
+    A layer that keeps only its output (SyncBatchNormAct, a BatchNorm fused with its activation by
+    ``convert_model(fuse_activation=True)``) recovers its input from it: a model that adds to that output in
+    place (``out += identity``) destroys what the backward needs, and torch's own message names neither.
+    """
+    try:
+        saved: tuple[Optional[Tensor], ...] = ctx.saved_tensors
+    except RuntimeError as error:
+        if "modified by an inplace operation" not in str(error):
+            raise
+        raise RuntimeError(
+            f"{layer} keeps only its output for backward (it recovers its input from it), and that output was "
+            "modified in place after the layer (out += identity, out.add_(x), torch.relu_(out), an activation "
+            "with inplace=True), so its gradient cannot be computed. Write that operation out of place "
+            "(out = out + identity), or leave this layer unfused: convert_model(model, fuse_activation=False), or "
+            "syncnorm.SyncBatchNorm followed by the activation module."
+        ) from error
+    return saved
 
 
 def _refuse_forward_ad(layer: str, *tensors: Optional[Tensor]) -> None:

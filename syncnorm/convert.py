@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import _comm, _validate
 from .activation import SyncBatchNormAct
-from .batchnorm import SyncBatchNorm, begin_forward, recomputing_forward, sync_batch_norm
+from .batchnorm import SyncBatchNorm, begin_forward, is_syncnorm_layer, recomputing_forward, sync_batch_norm
 
 Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 
@@ -128,7 +128,7 @@ def convert_model(
             excluded.append(name)
         elif fuse_activation and isinstance(layer, nn.Sequential):
             _fuse_sequential(layer, name, process_group, is_excluded)
-        elif isinstance(layer, _BatchNorm) and not _is_synchronised(layer):
+        elif isinstance(layer, _BatchNorm) and not is_syncnorm_layer(layer):
             fusable = _fusable_activation(layer) if fuse_activation and _is_timm_batchnorm_act(layer) else None
             if fusable is not None:
                 _fuse_layer(layer, process_group, name or type(layer).__name__, fusable)
@@ -136,7 +136,7 @@ def convert_model(
             if fuse_activation and _is_timm_batchnorm_act(layer):
                 not_fused.append(f"{name or type(layer).__name__} ({type(layer._modules.get('act')).__name__})")
             _convert_layer(layer, process_group, name or type(layer).__name__)
-        elif _is_synchronised(layer) and process_group is not None:
+        elif is_syncnorm_layer(layer) and process_group is not None:
             layer.process_group = process_group
     if not_fused:
         warnings.warn(
@@ -175,6 +175,9 @@ def revert_model(module: nn.Module) -> nn.Module:
         for key, child in layer._modules.items():
             if type(child) is _FusedActivation:  # an existing key gets its module back: the dict keeps its size
                 layer._modules[key] = child.__dict__["_syncnorm_activation"]
+        if not is_syncnorm_layer(layer):
+            continue
+        # Layers built as syncnorm classes by the user (a subclass of SyncBatchNorm, a SyncBatchNormAct) stay.
         if type(layer) is SyncBatchNorm or getattr(type(layer), "_syncnorm_generated", False):
             _revert_layer(layer)
         elif type(layer) is SyncBatchNormAct and "_syncnorm_fused" in layer.__dict__:
@@ -208,10 +211,6 @@ def _exclusion(module: nn.Module, exclude: Exclude) -> Callable[[str, nn.Module]
 
 def _inside(name: str, outer: str) -> bool:
     return outer == "" or name == outer or name.startswith(outer + ".")
-
-
-def _is_synchronised(layer: nn.Module) -> bool:
-    return isinstance(layer, (SyncBatchNorm, SyncBatchNormAct)) or getattr(type(layer), "_syncnorm_generated", False)
 
 
 def _is_timm_batchnorm_act(layer: nn.Module) -> bool:
@@ -389,6 +388,7 @@ def _make_synchronised_class(original: type[_BatchNorm]) -> type[_BatchNorm]:
         "__qualname__": f"Sync{original.__qualname__}",
         "__doc__": f"{original.__name__} converted by syncnorm.convert_model: global-batch statistics.",
         "_syncnorm_generated": True,
+        "_syncnorm_layer": True,
         "_syncnorm_original": original,
     }
     return type(f"Sync{original.__name__}", (original,), namespace)

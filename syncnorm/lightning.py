@@ -19,7 +19,7 @@ from typing import Any, Callable, Union
 from torch import nn
 
 from . import _comm
-from .batchnorm import SyncBatchNorm
+from .batchnorm import is_syncnorm_layer
 from .convert import Exclude, convert_model, revert_model
 
 # A group, or a function that makes one in each worker (ddp_spawn pickles the plugin before any group exists).
@@ -109,10 +109,10 @@ class SyncNormLayerSync(*_BASES):  # type: ignore[misc]
             ValueError: a name in ``exclude`` is not a module of ``model``.
         """
         group = self.process_group() if callable(self.process_group) else self.process_group
-        before = {name for name, layer in model.named_modules() if _synchronised(layer)}
+        before = {name for name, layer in model.named_modules() if is_syncnorm_layer(layer)}
         convert_model(model, group, exclude=self.exclude)
         self.converted = [
-            name for name, layer in model.named_modules() if _synchronised(layer) and name not in before
+            name for name, layer in model.named_modules() if is_syncnorm_layer(layer) and name not in before
         ]
         return model
 
@@ -146,7 +146,3 @@ class SyncNormLayerSync(*_BASES):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         return f"SyncNormLayerSync(process_group={self.process_group!r}, exclude={self.exclude!r})"
-
-
-def _synchronised(layer: nn.Module) -> bool:
-    return isinstance(layer, SyncBatchNorm) or bool(getattr(type(layer), "_syncnorm_generated", False))

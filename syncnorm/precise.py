@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _comm, _stats
-from .convert import _is_synchronised
+from .batchnorm import is_syncnorm_layer
 
 _WHO = "syncnorm.update_bn_stats"
 
@@ -139,7 +139,7 @@ def _lend_group(model: nn.Module, group: Optional[_comm.ProcessGroup]) -> list[t
         return []
     lent = []
     for m in model.modules():
-        if (_is_synchronised(m) or isinstance(m, nn.SyncBatchNorm)) and m.process_group is not group:
+        if (is_syncnorm_layer(m) or isinstance(m, nn.SyncBatchNorm)) and m.process_group is not group:
             lent.append((m, _attributes(m)))
             m.process_group = group
     return lent

@@ -70,6 +70,8 @@ def _cases(sizes: list[int]) -> list[dict[str, Any]]:
              "weight": torch.where(WEIGHT == 1e-30, 1e-3, WEIGHT)},
             # A channel inverted on one rank and kept on the other: the gradient sums still add up.
             _case("elu", sizes, 7, first_rank_high=True),
+            # torch's keyword bias=False, as SyncBatchNorm and torch.nn.BatchNorm2d take it.
+            _case("leaky_relu", sizes, 9, {"bias": False}),
         ]
     return cases
 
@@ -89,7 +91,8 @@ def _act_steps(case: dict[str, Any]) -> list[dict[str, Any]]:
     if layer.affine:
         with torch.no_grad():
             layer.weight.copy_(case.get("weight", WEIGHT))
-            layer.bias.copy_(BIAS)
+            if layer.bias is not None:
+                layer.bias.copy_(BIAS)
     reports = []
     for step in case["steps"]:
         x = _layout(my_slice(step["x"], step["sizes"]), case["layout"]).requires_grad_()
@@ -116,7 +119,8 @@ def _check(case: dict[str, Any], reports: list[list[dict[str, Any]]]) -> None:
     if reference.affine:
         with torch.no_grad():
             reference.weight.copy_(case.get("weight", WEIGHT))
-            reference.bias.copy_(BIAS)
+            if reference.bias is not None:
+                reference.bias.copy_(BIAS)
     activation = ACTIVATIONS[case["name"]][1]
     for i, step in enumerate(case["steps"]):
         x = step["x"].double().requires_grad_()
@@ -296,6 +300,17 @@ def test_activation_arguments_are_checked() -> None:
         syncnorm.SyncBatchNormAct(3, activation="elu", alpha=-1.0)
 
 
+def test_takes_every_argument_of_syncbatchnorm_plus_the_activations() -> None:
+    import inspect
+
+    act = inspect.signature(syncnorm.SyncBatchNormAct).parameters
+    for name, parameter in inspect.signature(syncnorm.SyncBatchNorm).parameters.items():
+        assert name in act and act[name].kind == parameter.kind and act[name].default == parameter.default, name
+    assert syncnorm.SyncBatchNormAct(3, bias=False).bias is None
+    assert list(syncnorm.SyncBatchNormAct(3, bias=False).state_dict()) == list(
+        torch.nn.BatchNorm2d(3, bias=False).state_dict())
+
+
 def _timm_blocks() -> torch.nn.Module:
     from timm.layers.norm_act import BatchNormAct2d
 
@@ -346,6 +361,75 @@ def test_convert_model_fuses_invertible_activations_and_reverts() -> None:
     assert all(p is parameters[name] for name, p in model.named_parameters())
     assert not any(hasattr(model[i], "activation") or hasattr(model[i], "process_group") for i in (1, 3, 5, 9))
     assert_close(model.eval()(x), original.eval()(x.double()), torch.float32, "reverted model, eval")
+
+
+class ResidualBlock(torch.nn.Module):
+    """A BasicBlock with leaky ReLUs: conv-bn-act-conv-bn-act, then the identity added (in place or not), then act."""
+
+    def __init__(self, add: str) -> None:
+        super().__init__()
+        self.add = add
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 3, 3, padding=1, bias=False), torch.nn.BatchNorm2d(3), torch.nn.LeakyReLU(0.1),
+            torch.nn.Conv2d(3, 3, 3, padding=1, bias=False), torch.nn.BatchNorm2d(3), torch.nn.LeakyReLU(0.1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        if self.add == "out += x":
+            out += x
+        elif self.add == "out.add_(x)":
+            out.add_(x)
+        elif self.add == "relu_(out)":
+            out = torch.relu_(out) + x
+        else:
+            out = out + x
+        return F.leaky_relu(out, 0.1)
+
+
+RESIDUAL_ADDS = ["out += x", "out.add_(x)", "relu_(out)", "out = out + x"]
+
+
+def rank_fused_residual_blocks(state: dict[str, torch.Tensor], x: torch.Tensor, dy: torch.Tensor,
+                               sizes: list[int]) -> dict[str, Any]:
+    """Each residual block fused and trained one step on this rank's slice: the error, or what it gives."""
+    reports: dict[str, Any] = {}
+    for add in RESIDUAL_ADDS:
+        model = ResidualBlock(add)
+        model.load_state_dict(state)
+        syncnorm.convert_model(model, fuse_activation=True)
+        assert type(model.body[4]) is syncnorm.SyncBatchNormAct
+        xl = my_slice(x, sizes).requires_grad_()
+        y = model(xl)
+        try:
+            (y * my_slice(dy, sizes)).sum().backward()
+        except RuntimeError as error:
+            reports[add] = {"error": str(error)}
+            continue
+        reports[add] = {"y": y.detach(), "grad_x": xl.grad, "grads": {n: p.grad for n, p in model.named_parameters()},
+                        "buffers": {n: b.clone() for n, b in model.named_buffers()}}
+    return reports
+
+
+def test_an_in_place_add_on_a_fused_output_is_an_error_naming_the_layer_and_the_fusion() -> None:
+    from reference import check_model_against_reference
+
+    generator = torch.Generator().manual_seed(4)
+    sizes = [3, 2]
+    x = torch.randn(5, 3, 4, 4, generator=generator)
+    dy = torch.randn(5, 3, 4, 4, generator=generator)
+    torch.manual_seed(4)
+    state = ResidualBlock("out = out + x").state_dict()
+    per_rank = run_on_ranks(2, rank_fused_residual_blocks, state, x, dy, sizes)
+    for reports in per_rank:
+        for add in RESIDUAL_ADDS[:3]:
+            message = reports[add].get("error", "trained")
+            assert "syncnorm.SyncBatchNormAct 'body.4'" in message and "modified in place" in message, (add, message)
+            assert "fuse_activation=False" in message and "out = out + identity" in message, (add, message)
+    # Written out of place, the fused block trains as torch's float64 BatchNorm + leaky ReLU on the whole batch.
+    reference = ResidualBlock("out = out + x")
+    reference.load_state_dict(state)
+    check_model_against_reference([r["out = out + x"] for r in per_rank], reference, x, dy)
 
 
 # --------------------------------------------------------------------------- works with the rest of syncnorm

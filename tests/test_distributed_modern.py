@@ -561,13 +561,116 @@ def test_ranks_with_fewer_batches_under_join_match_one_process_on_the_batches_th
         _assert_states_close(per_rank[r]["parameters"], dict(reference.named_parameters()), f"rank {r} at the end")
 
 
+class BranchAfterHead(nn.Module):
+    """Its forward calls ``branch`` (registered after ``head``) first: the layers' call order is not
+    ``model.modules()`` order. Both BatchNorms have 4 channels, so replaying them in the wrong order would
+    pair their all-reduces silently. With ``fuse_activation=True`` the branch's becomes a SyncBatchNormAct."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.SiLU(),
+                                  nn.Conv2d(4, C, 1, bias=False))
+        self.branch = nn.Sequential(nn.Conv2d(C, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.LeakyReLU(0.1))
+        with torch.no_grad():
+            for bn in (self.head[1], self.branch[1]):
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.branch(x))
+
+
+def _fused_only_net() -> nn.Module:
+    """A net whose only syncnorm layers are SyncBatchNormAct once converted with fuse_activation=True."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(C, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.LeakyReLU(0.1),
+                         nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ELU(),
+                         nn.Conv2d(4, C, 1, bias=False))
+
+
+FUSED_NETS: dict[str, Callable[[], nn.Module]] = {"branch-after-head": BranchAfterHead, "fused-only": _fused_only_net}
+FUSED_LR = 0.02  # small: over 3 epochs float32 training must stay within float32's tolerance of float64's
+
+
+def _hooks(model: nn.Module) -> int:
+    """Every forward hook on ``model``'s modules, and every global one."""
+    from torch.nn.modules import module
+
+    return len(module._global_forward_pre_hooks) + sum(
+        len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def rank_join_fused_epochs(batches: list[dict[str, Any]], counts: list[int], net: str,
+                           epochs: int) -> dict[str, Any]:
+    """A fused model in DDP under Join for ``epochs`` epochs of this rank's first counts[rank] steps; a new
+    ``joinable`` each epoch. Reports every step, the end state and the hooks left after each epoch."""
+    from torch.distributed.algorithms.join import Join
+
+    model = syncnorm.convert_model(FUSED_NETS[net](), fuse_activation=True)
+    assert any(type(m) is syncnorm.SyncBatchNormAct for m in model.modules())
+    ddp = _ddp(model)
+    before = _hooks(ddp)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=FUSED_LR)
+    steps, hooks = [], []
+    for _ in range(epochs):
+        with Join([syncnorm.joinable(ddp), ddp]):
+            for step in batches[:counts[dist.get_rank()]]:
+                x = my_slice(step["x"], step["sizes"]).requires_grad_()
+                y = _train_step(ddp, optimizer, x, my_slice(step["dy"], step["sizes"]))
+                steps.append({"y": y, "grad_x": x.grad, "buffers": {n: b.clone() for n, b in model.named_buffers()}})
+        hooks.append(_hooks(ddp) - before)
+    return {"steps": steps, "hooks": hooks, "buffers": {n: b.clone() for n, b in model.named_buffers()},
+            "parameters": {n: p.detach().clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize(("net", "counts"), [("branch-after-head", [2, 0]), ("branch-after-head", [1, 3]),
+                                             ("fused-only", [3, 1])],
+                         ids=["branch-called-first-one-rank-without-batches", "branch-called-first-uneven",
+                              "only-SyncBatchNormAct-layers"])
+def test_fused_models_under_join_match_one_process_and_leave_no_hooks(net: str, counts: list[int]) -> None:
+    world, epochs = len(counts), 3
+    sizes = [3 + r for r in range(world)]
+    batches = _batches(max(counts), sizes, seed=5)
+    per_rank = run_on_ranks(world, rank_join_fused_epochs, batches, counts, net, epochs)
+    reference = FUSED_NETS[net]().double()
+    optimizer = torch.optim.SGD(reference.parameters(), lr=FUSED_LR)
+    done = [0] * world
+    for epoch in range(epochs):
+        for k, step in enumerate(batches):
+            active = [r for r in range(world) if k < counts[r]]
+            x = torch.cat([step["x"].split(sizes)[r] for r in active]).double().requires_grad_()
+            dy = torch.cat([step["dy"].split(sizes)[r] for r in active]).double()
+            y = _train_step(reference, optimizer, x, dy, scale=1 / world)  # DDP: over the initial world size
+            got = [per_rank[r]["steps"][done[r]] for r in active]
+            what = f"epoch {epoch} step {k}"
+            assert_close(torch.cat([g["y"] for g in got]), y, torch.float32, f"{what} output")
+            assert_close(torch.cat([g["grad_x"] for g in got]), x.grad * world, torch.float32, f"{what} grad_x")
+            for g in got:
+                _assert_states_close(g["buffers"], dict(reference.named_buffers()), f"{what} buffers")
+            for r in active:
+                done[r] += 1
+    for r in range(world):  # the ranks that ran out first too
+        _assert_states_close(per_rank[r]["buffers"], dict(reference.named_buffers()), f"rank {r} at the end")
+        _assert_states_close(per_rank[r]["parameters"], dict(reference.named_parameters()), f"rank {r} at the end")
+        assert per_rank[r]["hooks"] == [0] * epochs, f"rank {r}: hooks left after each epoch {per_rank[r]['hooks']}"
+
+
 def rank_join_misuse() -> dict[str, str]:
     from torch.distributed.algorithms.join import Join
 
     errors = {}
-    for case in ("no syncnorm layer", "buffers synchronised in forward", "not first", "activation checkpointing"):
+    cases = ("no syncnorm layer", "buffers synchronised in forward", "not first", "activation checkpointing",
+             "inside a broadcasting DDP", "inside a broadcasting DDP, rank 1 without batches", "inside DDP")
+    for case in cases:
         try:
-            if case == "no syncnorm layer":
+            if case.startswith("inside"):
+                net = syncnorm.convert_model(BranchAfterHead(), fuse_activation=True)  # SyncBatchNorm(Act) layers
+                ddp = _ddp(net, sync_buffers="broadcasting" in case)
+                with Join([syncnorm.joinable(net), ddp]):  # the module inside DDP, not DDP
+                    if dist.get_rank() == 0 or "without batches" not in case:
+                        ddp(torch.randn(2, C, 4, 4)).sum().backward()
+            elif case == "no syncnorm layer":
                 syncnorm.joinable(_ddp(_net()))
             elif case == "buffers synchronised in forward":
                 syncnorm.joinable(_ddp(syncnorm.convert_model(_net()), sync_buffers=True))
@@ -597,3 +700,9 @@ def test_joinable_refuses_what_would_hang_on_every_rank() -> None:
         assert errors["not first"].startswith("RuntimeError: syncnorm.joinable(model) must come first in Join")
         assert errors["activation checkpointing"].startswith(
             "RuntimeError: syncnorm.joinable: activation checkpointing")
+        for case in ("inside a broadcasting DDP", "inside a broadcasting DDP, rank 1 without batches"):
+            assert errors[case].startswith(
+                "ValueError: syncnorm.joinable needs DistributedDataParallel(..., forward_sync_buffers=False)"), case
+            assert "pass the DistributedDataParallel model itself" in errors[case], case
+        assert errors["inside DDP"].startswith(
+            "ValueError: syncnorm.joinable(model) was given the module inside a DistributedDataParallel")

@@ -30,10 +30,14 @@ NORMS: dict[str, Callable[..., nn.Module]] = {
 
 
 def _model(norm: str, track_running_stats: bool, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """conv -> BatchNorm -> activation -> linear; ``"fused"``: BatchNorm2d and a leaky ReLU, which
+    ``convert_model(fuse_activation=True)`` turns into one syncnorm.SyncBatchNormAct."""
     torch.manual_seed(0)
+    fused = norm == "fused"
+    bn = NORMS["BatchNorm2d" if fused else norm](4, track_running_stats=track_running_stats)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), NORMS[norm](4, track_running_stats=track_running_stats), nn.ReLU(),
-        nn.Flatten(), nn.Linear(4 * 3 * 3, 2),
+        nn.Conv2d(3, 4, 3, padding=1), bn, nn.LeakyReLU(0.1) if fused else nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 2),
     ).to(dtype)
 
 
@@ -64,7 +68,8 @@ def rank_transform_is_refused(kernels: str, *args: Any) -> dict[str, Any]:
 
 def _transform_is_refused(transform: str, norm: str, track: bool, state: dict[str, Any], x: torch.Tensor,
                           target: torch.Tensor, dy: torch.Tensor, sizes: list[int]) -> dict[str, Any]:
-    model = syncnorm.convert_model(_model(norm, track))
+    model = syncnorm.convert_model(_model(norm, track), fuse_activation=norm == "fused")
+    assert norm != "fused" or type(model[1]) is syncnorm.SyncBatchNormAct
     model.load_state_dict(state)
     before = _state(model)
     COLLECTIVES.reset()
@@ -85,7 +90,7 @@ def _transform_is_refused(transform: str, norm: str, track: bool, state: dict[st
 
 
 @pytest.mark.parametrize("kernels", ["native", "fused"])
-@pytest.mark.parametrize("norm", list(NORMS))
+@pytest.mark.parametrize("norm", [*NORMS, "fused"])
 @pytest.mark.parametrize(("transform", "track"), [("grad", False), ("vmap", True)],
                          ids=["grad-maml-no-running-stats", "vmap-running-stats"])
 def test_a_transform_through_a_synchronised_forward_is_refused_on_every_rank_before_any_change(
