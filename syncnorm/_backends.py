@@ -177,7 +177,7 @@ FUSED = Backend("fused", _fused_local_moments, _fused_pack, _fused_normalize, _f
 def finish_statistics(
     backend: Backend, summed: Tensor, local: _stats.LocalMoments, shift: Optional[Tensor], weight: Optional[Tensor],
     bias: Optional[Tensor], eps: float, dtype: torch.dtype, running_mean: Optional[Tensor],
-    running_var: Optional[Tensor], momentum: float, triton: bool = True, guard_empty: bool = False,
+    running_var: Optional[Tensor], momentum: float | Tensor, triton: bool = True, guard_empty: bool = False,
 ) -> _stats.PerChannel:
     """The step's per-channel values from the summed buffer; updates the running statistics.
 
@@ -190,7 +190,7 @@ def finish_statistics(
     """
     native = backend is NATIVE
     about = local.shift if native else None
-    if triton and _triton.usable(summed.device):
+    if triton and _triton.usable(summed.device) and not isinstance(momentum, Tensor):  # eager: a float factor
         return _triton.finish_statistics(summed, shift, about, weight, bias, eps, dtype, running_mean, running_var,
                                          momentum, local.shift.numel())
     stats = _stats.finish_statistics(summed, shift, about, weight, bias, eps, dtype,

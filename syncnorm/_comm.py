@@ -9,7 +9,7 @@ local batch size.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,9 @@ from ._errors import SyncNormError
 
 ProcessGroup = Any  # torch.distributed.ProcessGroup, absent from builds without distributed support
 GroupOrMesh = Any  # a ProcessGroup, a torch.distributed.device_mesh.DeviceMesh, or None (the whole world)
+# Where a training step's sums go: a ProcessGroup (eager), its registered name (while torch.compile traces:
+# a ProcessGroup object passed to an autograd.Function breaks dynamo's graph), or None (one process).
+Comm = Union[ProcessGroup, str, None]
 
 VALIDATION_HINT = (
     "Every rank must run the same syncnorm layers, in the same order, in the same mode; "
@@ -51,6 +54,26 @@ def statistics_group(process_group: Optional[ProcessGroup], layer: str) -> Optio
     if group.size() == 1:
         return None
     return group
+
+
+def all_reduce(buffer: Tensor, comm: Comm, layer: str, what: str) -> Tensor:
+    """The sum of ``buffer`` over the ranks of ``comm`` (see ``Comm``): ``buffer`` itself, summed in place,
+    eagerly; a new tensor, from a functional collective that dynamo traces, for a group's name; ``buffer``
+    as it is for None."""
+    if comm is None:
+        return buffer
+    if isinstance(comm, str):
+        from torch.distributed import _functional_collectives as funcol
+
+        # wait_tensor makes the result an ordinary tensor in eager (funcol returns an AsyncCollectiveTensor).
+        return funcol.wait_tensor(funcol.all_reduce(buffer, "sum", comm))  # type: ignore[arg-type]
+    all_reduce_sum(buffer, comm, layer, what)
+    return buffer
+
+
+def group_name(group: Optional[ProcessGroup]) -> Optional[str]:
+    """The registered name of a ProcessGroup (what functional collectives take), None for no group."""
+    return None if group is None else str(group.group_name)
 
 
 def all_reduce_sum(buffer: Tensor, group: ProcessGroup, layer: str, what: str) -> None:

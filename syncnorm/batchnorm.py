@@ -1,20 +1,118 @@
-"""``syncnorm.SyncBatchNorm``: the module users see."""
+"""The syncnorm layers' one base, ``SyncNormLayer``, and ``syncnorm.SyncBatchNorm``, the module users see.
+
+``SyncNormLayer`` owns what every syncnorm layer does around its step: the input checks (before any
+collective), validation mode, the statistics group, the momentum factor and which buffers a step updates,
+activation checkpointing's recomputed forward, and the batch counter; the step itself is
+``_function.sync_batch_norm``. ``SyncBatchNorm`` and ``SyncBatchNormAct`` (``activation``) are that base
+with a name (and an activation); ``is_syncnorm_layer`` is the one membership test.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _comm, _validate
-from ._function import SyncBatchNormFunction
+from ._function import ActivationSpec, compiling_now, sync_batch_norm
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncNormLayer(_BatchNorm):
+    """The base of every syncnorm layer: BatchNorm's arguments, buffers and prologue, the step synchronised.
+
+    A subclass names itself (``_KIND``) and may add an activation (``_activation_spec``); the training step
+    is ``_function.sync_batch_norm`` for all of them.
+    """
+
+    _KIND: ClassVar[str] = "syncnorm layer"
+    # The mark that ``is_syncnorm_layer`` reads; convert_model's generated classes carry it too.
+    _syncnorm_layer: ClassVar[bool] = True
+    # The input's number of dimensions at the last forward (revert_model picks BatchNorm1d/2d/3d by it).
+    last_input_dim: Optional[int] = None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: _comm.GroupOrMesh = None,
+        device: Optional[torch.device | str] = None,
+        dtype: Optional[torch.dtype] = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
+        )
+        # A DeviceMesh is resolved here, on every rank, never in a forward (an N-D mesh's group is collective).
+        self.process_group = _comm.resolve_group(process_group, self._KIND)
+        # Qualified name in the model, for error messages; convert_model sets it.
+        self.layer_name: Optional[str] = None
+        self.last_input_dim: Optional[int] = None
+
+    def _describe(self) -> str:
+        name = f" '{self.layer_name}'" if self.layer_name else ""
+        return f"{self._KIND}{name} (num_features={self.num_features})"
+
+    def _activation_spec(self) -> ActivationSpec:
+        """The activation after the normalisation, as the step takes it (None: plain BatchNorm)."""
+        return None
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        """Reject bad input on every rank before any collective, with what was expected and how to fix it."""
+        check_input(input, self.num_features, self._describe())
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.training and compiling_now() and _comm.distributed_ready() and _validate.enabled():
+            # Validation's all-gathers are not traceable: in validation mode a training forward under
+            # torch.compile runs eagerly (one graph break here). Otherwise it is traced whole.
+            return _run_eagerly(self._forward, input)
+        return self._forward(input)
+
+    def _forward(self, input: Tensor) -> Tensor:
+        description = self._describe()
+        validating = begin_forward(self, input, description)
+        # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
+        # (Not while compiling: dynamo rejects an attribute write inside a checkpointed region.)
+        if not compiling_now() and self.last_input_dim != input.dim():  # written once (__setattr__ is slow)
+            self.last_input_dim = input.dim()
+        group = _comm.statistics_group(self.process_group, description) if self.training else None
+        # A forward that autograd re-runs inside backward (activation checkpointing) recomputes a batch
+        # already counted: it still synchronises (every rank recomputes), but updates nothing. (A compiled
+        # graph recomputes inside its own backward, without running this code again.)
+        recomputing = recomputing_forward()
+        tracks = (
+            self.training and self.track_running_stats and self.num_batches_tracked is not None and not recomputing
+        )
+        if self.momentum is None:
+            # Cumulative average: this batch's weight, once it is counted.
+            factor: float | Tensor = 0.0
+            if tracks and compiling_now():  # the same value as a tensor: no host sync in the graph
+                factor = (self.num_batches_tracked + 1).double().reciprocal()  # type: ignore[operator, union-attr]
+            elif tracks:
+                factor = 1.0 / float(self.num_batches_tracked + 1)  # type: ignore[operator]
+        else:
+            factor = self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        uses_buffers = not self.training or (self.track_running_stats and not recomputing)
+        output = sync_batch_norm(
+            input, self.running_mean if uses_buffers else None, self.running_var if uses_buffers else None,
+            self.weight, self.bias, use_batch_stats, factor, self.eps, group=group, layer=description,
+            activation=self._activation_spec(),
+        )
+        if validating and group is not None:
+            _validate.check_backward(self, output, input, description)
+        # Counted only once the step succeeded, so a failed step leaves the layer as it was.
+        if tracks:
+            self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
+        return output
+
+
+class SyncBatchNorm(SyncNormLayer):
     r"""BatchNorm whose training statistics are those of the batch of every rank together.
 
     A drop-in for ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm``: same arguments,
@@ -77,38 +175,7 @@ class SyncBatchNorm(_BatchNorm):
         torch.Size([8, 64, 32, 32])
     """
 
-    # The mark that ``is_syncnorm_layer`` reads; SyncBatchNormAct and convert_model's generated classes carry it too.
-    _syncnorm_layer: ClassVar[bool] = True
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: _comm.GroupOrMesh = None,
-        device: Optional[torch.device | str] = None,
-        dtype: Optional[torch.dtype] = None,
-        *,
-        bias: bool = True,
-    ) -> None:
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype, bias=bias
-        )
-        # A DeviceMesh is resolved here, on every rank, never in a forward (an N-D mesh's group is collective).
-        self.process_group = _comm.resolve_group(process_group, "syncnorm.SyncBatchNorm")
-        # Qualified name in the model, for error messages; convert_model sets it.
-        self.layer_name: Optional[str] = None
-        self.last_input_dim: Optional[int] = None
-
-    def _describe(self) -> str:
-        name = f" '{self.layer_name}'" if self.layer_name else ""
-        return f"syncnorm.SyncBatchNorm{name} (num_features={self.num_features})"
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        """Reject bad input on every rank before any collective, with what was expected and how to fix it."""
-        check_input(input, self.num_features, self._describe())
+    _KIND: ClassVar[str] = "syncnorm.SyncBatchNorm"
 
     def forward(self, input: Tensor) -> Tensor:
         """Normalise ``input`` with the statistics of the global batch (training) or the running ones (eval).
@@ -137,53 +204,7 @@ class SyncBatchNorm(_BatchNorm):
             >>> bn(torch.randn(4, 3, 8, 8)).shape
             torch.Size([4, 3, 8, 8])
         """
-        if self.training and _compiling() and _comm.distributed_ready() and _validate.enabled():
-            # Validation's all-gathers are not traceable: in validation mode a training forward under
-            # torch.compile runs eagerly (one graph break here). Otherwise it is traced whole (_traceable).
-            return _run_eagerly(self._forward, input)
-        return self._forward(input)
-
-    def _forward(self, input: Tensor) -> Tensor:
-        validating = begin_forward(self, input, self._describe())
-        # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
-        # (Not while compiling: dynamo rejects an attribute write inside a checkpointed region.)
-        if not _compiling() and self.last_input_dim != input.dim():  # written once (Module.__setattr__ is slow)
-            self.last_input_dim = input.dim()
-        group = _comm.statistics_group(self.process_group, self._describe()) if self.training else None
-        return self._normalize(input, group, validating)
-
-    def _normalize(self, input: Tensor, group: Optional[_comm.ProcessGroup], validating: bool) -> Tensor:
-        # A forward that autograd re-runs inside backward (activation checkpointing) recomputes a batch
-        # already counted: it still synchronises (every rank recomputes), but updates nothing. (A compiled
-        # graph recomputes inside its own backward, without running this code again.)
-        recomputing = recomputing_forward()
-        tracks = (
-            self.training and self.track_running_stats and self.num_batches_tracked is not None and not recomputing
-        )
-        if self.momentum is None:
-            # Cumulative average: this batch's weight, once it is counted.
-            factor: float | Tensor = 0.0
-            if tracks and _compiling():  # the same value as a tensor: no host sync in the graph
-                factor = (self.num_batches_tracked + 1).double().reciprocal()  # type: ignore[operator, union-attr]
-            elif tracks:
-                factor = 1.0 / float(self.num_batches_tracked + 1)  # type: ignore[operator]
-        else:
-            factor = self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        uses_buffers = not self.training or (self.track_running_stats and not recomputing)
-        running_mean = self.running_mean if uses_buffers else None
-        running_var = self.running_var if uses_buffers else None
-
-        output = sync_batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps,
-            group=group, layer=self._describe(),
-        )
-        if validating and group is not None:
-            _validate.check_backward(self, output, input, self._describe())
-        # Counted only once the step succeeded, so a failed step leaves the layer as it was.
-        if tracks:
-            self.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
-        return output
+        return super().forward(input)
 
     @classmethod
     def convert_sync_batchnorm(
@@ -250,8 +271,8 @@ def begin_forward(layer: _BatchNorm, input: Any, description: str) -> bool:
     validating = _validate.enabled()
     if validating:
         _validate.check_forward(layer, input, description)
-    if isinstance(layer, SyncBatchNorm):
-        layer._check_input_dim(input)  # a subclass of SyncBatchNorm may override it
+    if isinstance(layer, SyncNormLayer):
+        layer._check_input_dim(input)  # a subclass may override it
     else:
         check_input(input, layer.num_features, description)
     return validating
@@ -259,7 +280,7 @@ def begin_forward(layer: _BatchNorm, input: Any, description: str) -> bool:
 
 def recomputing_forward() -> bool:
     """Whether this forward is autograd re-running a checkpointed forward inside backward (count nothing)."""
-    return not _compiling() and _inside_backward()
+    return not compiling_now() and _inside_backward()
 
 
 def _call(fn: Callable[..., Tensor], *args: Any) -> Tensor:
@@ -271,109 +292,7 @@ def _call(fn: Callable[..., Tensor], *args: Any) -> Tensor:
 _run_eagerly: Callable[..., Tensor] = getattr(torch, "_disable_dynamo", lambda fn: fn)(_call)
 
 
-def _compiling() -> bool:
-    """Whether dynamo is tracing this code (torch.compile)."""
-    return bool(_is_compiling())
-
-
-# torch.compiler.is_compiling (torch >= 2.3), looked up once; older torch: dynamo's, imported at the first call.
-_is_compiling: Callable[[], bool] = getattr(torch.compiler, "is_compiling", None) or (
-    lambda: bool(torch._dynamo.is_compiling()))
-
-
 def _inside_backward() -> bool:
     """Whether autograd is running a backward pass right now (a checkpointed forward being recomputed)."""
     current_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
     return current_graph_task_id is not None and current_graph_task_id() != -1
-
-
-def sync_batch_norm(
-    input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    training: bool = False,
-    momentum: float | Tensor = 0.1,
-    eps: float = 1e-5,
-    *,
-    group: Optional[_comm.ProcessGroup] = None,
-    layer: str = "syncnorm.sync_batch_norm",
-) -> Tensor:
-    """``torch.nn.functional.batch_norm`` over the batch of every rank of ``group``.
-
-    The one place where a layer's batch normalisation chooses between the synchronised path and
-    plain ``F.batch_norm``; ``SyncBatchNorm.forward`` and the subclasses ``convert_model`` generates
-    both come through here. ``group`` is the resolved statistics group (``_comm.statistics_group``),
-    None for no synchronisation; ``momentum`` is the running-average factor of this step.
-    """
-    if training and eps <= 0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if training and _compiling() and (group is not None or isinstance(momentum, Tensor)):
-        from . import _traceable  # only while dynamo traces: torch.compile(fullgraph=True) through the layer
-
-        return _traceable.sync_batch_norm(
-            input, running_mean, running_var, weight, bias, momentum, eps, _traceable.group_name(group), layer,
-        )
-    if group is None or not training:
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)  # type: ignore[arg-type]
-    _refuse_forward_ad(layer, input, weight, bias)
-    _refuse_functorch(layer, input, weight, bias)
-    output: Tensor = SyncBatchNormFunction.apply(
-        input, weight, bias, running_mean, running_var, eps, momentum, group, layer
-    )
-    return output
-
-
-def saved_output(ctx: Any, layer: str) -> tuple[Optional[Tensor], ...]:
-    """``ctx.saved_tensors`` of a Function that keeps its output; an in-place change of it raises naming the layer.
-
-    A layer that keeps only its output (SyncBatchNormAct, a BatchNorm fused with its activation by
-    ``convert_model(fuse_activation=True)``) recovers its input from it: a model that adds to that output in
-    place (``out += identity``) destroys what the backward needs, and torch's own message names neither.
-    """
-    try:
-        saved: tuple[Optional[Tensor], ...] = ctx.saved_tensors
-    except RuntimeError as error:
-        if "modified by an inplace operation" not in str(error):
-            raise
-        raise RuntimeError(
-            f"{layer} keeps only its output for backward (it recovers its input from it), and that output was "
-            "modified in place after the layer (out += identity, out.add_(x), torch.relu_(out), an activation "
-            "with inplace=True), so its gradient cannot be computed. Write that operation out of place "
-            "(out = out + identity), or leave this layer unfused: convert_model(model, fuse_activation=False), or "
-            "syncnorm.SyncBatchNorm followed by the activation module."
-        ) from error
-    return saved
-
-
-def _refuse_forward_ad(layer: str, *tensors: Optional[Tensor]) -> None:
-    """Refuse dual tensors before the Function runs: it has no jvp, and torch would raise only after the update."""
-    if forward_ad._current_level < 0:  # no dual level entered: nothing can be a dual tensor (no op, no cost)
-        return
-    if any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        raise NotImplementedError(
-            f"{layer}: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) is not supported by a "
-            "synchronised training forward; nothing was changed. Use reverse mode (backward), or run the layer "
-            "in eval() mode or without a process group, where it is plain batch_norm and supports it."
-        )
-
-
-# One C call answers whether a torch.func transform is active (what Function.apply itself asks); torch keeps it
-# private, so if a release drops it, fall back to looking for functorch-wrapped operands.
-_functorch_active: Optional[Callable[[], bool]] = getattr(torch._C, "_are_functorch_transforms_active", None)
-
-
-def _refuse_functorch(layer: str, *tensors: Optional[Tensor]) -> None:
-    """Refuse torch.func transforms before the Function runs: it has no setup_context or vmap rule."""
-    if _functorch_active is not None:
-        if not _functorch_active():  # no transform: one C call, next to nothing per layer call
-            return
-    elif not any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-        return
-    raise NotImplementedError(
-        f"{layer}: torch.func transforms (grad, vmap, jacrev, functionalize, ...) are not supported through a "
-        "synchronised training forward; refused before its all-reduce, nothing was changed. Use reverse mode "
-        "(loss.backward() or torch.autograd.grad), or run the layer in eval() mode, without a process group, or "
-        "in a process group of one rank, where it is plain batch_norm and torch.func supports it."
-    )

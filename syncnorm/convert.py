@@ -44,8 +44,9 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.overrides import TorchFunctionMode
 
 from . import _comm, _validate
+from ._function import sync_batch_norm
 from .activation import SyncBatchNormAct
-from .batchnorm import SyncBatchNorm, begin_forward, is_syncnorm_layer, recomputing_forward, sync_batch_norm
+from .batchnorm import SyncBatchNorm, begin_forward, is_syncnorm_layer, recomputing_forward
 
 Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 

@@ -16,7 +16,7 @@ from distributed import COLLECTIVES, my_slice, run_on_ranks, use_kernels
 from reference import assert_close, batchnorm_class
 
 import syncnorm
-import syncnorm.activation as activation_module
+import syncnorm._activation as activation_module
 from syncnorm._errors import SyncNormError
 
 CHANNELS = 7
@@ -180,8 +180,8 @@ def rank_saved_and_double_backward(x: torch.Tensor, sizes: list[int], checkpoint
                      "numel": [t.numel() for t in large], "output_numel": y.numel()}
     # A training forward under no_grad (update_bn_stats, evaluation code) chooses no channels to keep (no host sync).
     calls: list[int] = []
-    choose = activation_module._fallback_channels
-    activation_module._fallback_channels = lambda *args: calls.append(1) or choose(*args)  # type: ignore[assignment]
+    choose = activation_module.fallback_channels
+    activation_module.fallback_channels = lambda *args: calls.append(1) or choose(*args)  # type: ignore[assignment]
     try:
         with torch.no_grad():
             layer(my_slice(x, sizes).requires_grad_())
@@ -189,7 +189,7 @@ def rank_saved_and_double_backward(x: torch.Tensor, sizes: list[int], checkpoint
         layer(my_slice(x, sizes).requires_grad_())
         out["grad_choices"] = len(calls)
     finally:
-        activation_module._fallback_channels = choose
+        activation_module.fallback_channels = choose
     layer = syncnorm.SyncBatchNormAct(CHANNELS, activation="elu")
     xl = my_slice(x, sizes).requires_grad_()
     (grad,) = torch.autograd.grad(layer(xl).square().sum(), xl, create_graph=True)
