@@ -4,10 +4,14 @@ A rank that has run out of batches leaves its training loop and waits in ``Join.
 step the other ranks still take, Join calls each joinable's ``main_hook`` once. Every synchronised
 training forward and backward is collective, so the rank that ran out must take part in each of
 them, in the same order, with nothing of its own: this joinable's hook runs every syncnorm layer's
-own training forward on an EMPTY batch (shape ``(0, C, ...)``), in the order the layers ran in this
-rank's last step, and then their backward, in reverse. An empty batch adds zero to every count and
-sum, so the statistics, the running statistics and ``num_batches_tracked`` come out on the joined
-rank exactly as on the others: every rank ends the epoch with the same layers.
+own training forward on an EMPTY batch (shape ``(0, C, ...)``), in the order the layers were called in
+this rank's last step (forward pre-hooks record it), and then their backward, in reverse. A rank that
+has had no step in the context cannot know that order (a model may call a branch registered after its
+head): at the first step the ranks still training announce each syncnorm forward, and the start of their
+backward, on a message group, and that rank replays them as they come; that step is its last step then.
+An empty batch adds zero to every count and sum, so the statistics, the running statistics and
+``num_batches_tracked`` come out on the joined rank exactly as on the others: every rank ends the epoch
+with the same layers.
 
 Ordering with DistributedDataParallel. DDP's own join hook shadows its gradient all-reduces and waits
 for them; the active ranks issue those only in backward, after their syncnorm forwards, which wait
@@ -357,11 +361,13 @@ def joinable(model: nn.Module) -> Joinable:
         model: the model called in the loop (the DDP-wrapped one), holding syncnorm layers.
 
     Returns:
-        A ``Joinable`` to pass to ``Join`` before the DDP model; ``.remove()`` takes its hooks off.
+        A ``Joinable`` to pass to ``Join`` before the DDP model; its hooks exist from the ``Join``'s
+        construction to the end of its context (``.remove()`` takes them off earlier).
 
     Raises:
         ValueError: ``model`` has no syncnorm layer, or is a DistributedDataParallel that broadcasts
-            buffers; ``torch.distributed`` is not initialised.
+            buffers; ``torch.distributed`` is not initialised; at the first forward inside ``Join``, on every
+            rank, if ``model`` is the module inside a DistributedDataParallel (pass the DDP model).
         RuntimeError: at the first forward inside ``Join``, on every rank, if it is not first in the list; at
             the first backward, on every rank, if it recomputes a syncnorm forward (activation checkpointing).
 
