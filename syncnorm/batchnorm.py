@@ -222,6 +222,7 @@ class SyncBatchNorm(SyncNormLayer):
         Example:
             >>> model = syncnorm.SyncBatchNorm.convert_sync_batchnorm(model)  # was torch.nn.SyncBatchNorm
         """
+        # Imported here: convert imports this module (the package's one import inside a function, tested).
         from .convert import convert_model
 
         return convert_model(module, process_group)
