@@ -265,6 +265,9 @@ SPEED_SHAPES = {
                    ((4096, 2048), torch.float32)],
 }
 VARIANTS = ("syncnorm", "local BatchNorm", "torch.nn.SyncBatchNorm")
+# What syncnorm's training step sends, timed alone: the forward's all-reduce of 2C+1 float64 values (per-channel
+# sums, sums of squares, the count) and the backward's of 2C. On CPU ranks over Gloo it is most of syncnorm's time.
+ALL_REDUCES = "its 2 all-reduces alone"
 
 
 def _sync(device: torch.device) -> None:
@@ -278,8 +281,13 @@ def _layers(channels: int, dim: int, device: torch.device) -> dict[str, nn.Modul
             "torch.nn.SyncBatchNorm": nn.SyncBatchNorm(channels, device=device)}
 
 
+def _all_reduces(forward: Tensor, backward: Tensor) -> None:
+    dist.all_reduce(forward)
+    dist.all_reduce(backward)
+
+
 def run_speed(ctx: Context, iters: Optional[int]) -> tuple[list[dict[str, Any]], str]:
-    """Median fwd+bwd ms per variant and shape, the slowest rank's (all-reduced MAX)."""
+    """Median fwd+bwd ms per variant and shape, and of syncnorm's all-reduces alone, the slowest rank's (MAX)."""
     key = ("cuda" if ctx.device.type == "cuda" else "cpu") + ("-quick" if ctx.quick else "")
     iters = iters or (8 if ctx.quick else 30)
     warmup = 2 if ctx.quick else 5
@@ -296,7 +304,9 @@ def run_speed(ctx: Context, iters: Optional[int]) -> tuple[list[dict[str, Any]],
             except (ValueError, RuntimeError) as error:
                 notes[name] = f"{name} refuses {ctx.device.type} tensors: {str(error).splitlines()[0]}"
                 del layers[name]
-        times: dict[str, list[float]] = {name: [] for name in layers}
+        times: dict[str, list[float]] = {name: [] for name in [*layers, ALL_REDUCES]}
+        sums = (torch.zeros(2 * shape[1] + 1, dtype=torch.float64, device=ctx.device),
+                torch.zeros(2 * shape[1], dtype=torch.float64, device=ctx.device))
         for i in range(warmup + iters):
             dist.barrier()  # every rank starts the step together; not timed
             for name, layer in layers.items():
@@ -307,14 +317,20 @@ def run_speed(ctx: Context, iters: Optional[int]) -> tuple[list[dict[str, Any]],
                 _sync(ctx.device)
                 if i >= warmup:
                     times[name].append((time.perf_counter() - start) * 1e3)
-        medians = torch.tensor([statistics.median(times[v]) if v in times else 0.0 for v in VARIANTS],
+            _sync(ctx.device)
+            start = time.perf_counter()
+            _all_reduces(*sums)
+            _sync(ctx.device)
+            if i >= warmup:
+                times[ALL_REDUCES].append((time.perf_counter() - start) * 1e3)
+        medians = torch.tensor([statistics.median(times[v]) if v in times else 0.0 for v in (*VARIANTS, ALL_REDUCES)],
                                dtype=torch.float64, device=ctx.device)
         dist.all_reduce(medians, op=dist.ReduceOp.MAX)
         ms = {v: f"{m:.3f}" for v, m in zip(VARIANTS, medians.tolist()) if v in layers}
         ratio = f"{medians[0].item() / medians[1].item():.2f}x" if medians[1].item() > 0 else "-"
         rows.append({"shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
                      "variants": list(VARIANTS), "ms": ms, "notes": {k: "refused" for k in notes}, "ratio": ratio,
-                     "reasons": notes})
+                     "reasons": notes, "all_reduces_ms": f"{medians[len(VARIANTS)].item():.3f}"})
         del x, dy, layers
     note = (f"median of {iters} steps after {warmup} warm-up, slowest of {ctx.world_size} rank(s), "
             f"{ctx.backend}, {ctx.device.type}")
