@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import faulthandler
 import os
+import pickle
 import statistics
 import sys
 import threading
@@ -83,10 +84,21 @@ CASES = [
 ]
 
 
-def _gather(obj: Any, world_size: int) -> list[Any]:
-    objects: list[Any] = [None] * world_size
-    dist.all_gather_object(objects, obj)
-    return objects
+def gather_objects(obj: Any, device: torch.device) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a collective).
+
+    Not ``dist.all_gather_object``: it needs numpy, which torch does not install.
+    """
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+    world_size = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    longest = max(int(size.item()) for size in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return [pickle.loads(bytes(t[: int(n.item())].tolist())) for t, n in zip(gathered, sizes)]
 
 
 def _cpu(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -166,7 +178,7 @@ def run_layer_case(case: Case, ctx: Context, sizes: list[int]) -> Result:
             "grad_bias": _cpu(layer.bias.grad), "running_mean": _cpu(layer.running_mean),
             "running_var": _cpu(layer.running_var), "num_batches_tracked": int(layer.num_batches_tracked.item()),
             "layout_kept": kept, "dtype": str(y.dtype)}
-    ranks = _gather(mine, ctx.world_size)
+    ranks = gather_objects(mine, ctx.device)
 
     ref = _reference_bn(len(case.tail) + 1, channels)
     _set_params(ref, channels)
@@ -218,7 +230,7 @@ def run_model_case(case: Case, ctx: Context, sizes: list[int]) -> Result:
     mine = {"x": _cpu(x), "dy": _cpu(dy), "loss": loss.item(),
             "grads": {n: _cpu(p.grad) for n, p in model.named_parameters()},
             "buffers": {n: _cpu(b) if b.is_floating_point() else int(b.item()) for n, b in model.named_buffers()}}
-    ranks = _gather(mine, ctx.world_size)
+    ranks = gather_objects(mine, ctx.device)
 
     x64 = torch.cat([r["x"] for r in ranks])
     ref_loss = (reference(x64) * torch.cat([r["dy"] for r in ranks])).sum() / total

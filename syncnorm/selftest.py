@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 # Absolute imports: launch/mpirun.sh runs this file as a script (runpy.run_path), not as a module.
-from syncnorm._selftest import CASES, Context, Result, Watchdog, run_case, run_speed
+from syncnorm._selftest import CASES, Context, Result, Watchdog, gather_objects, run_case, run_speed
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -108,8 +108,7 @@ def init_group(backend: str, device: torch.device, timeout_s: float, watchdog: W
 def environment(device: torch.device, backend: str, where: str) -> dict[str, Any]:
     """Versions and every rank's device, for the header (a collective: every rank calls it)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
-    devices: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(devices, f"{socket.gethostname()} {device} {name}")
+    devices = gather_objects(f"{socket.gethostname()} {device} {name}", device)
     nccl = None
     if torch.cuda.is_available() and hasattr(torch.cuda, "nccl"):
         try:
@@ -154,8 +153,8 @@ def format_report(env: dict[str, Any], results: list[Result], speed: list[dict[s
                 "communicates nothing); syncnorm's 2 all-reduces alone: the forward's of 2C+1 float64 values and the "
                 "backward's of 2C, timed without the layer."]
         if env["backend"] == "gloo" and speed_note.endswith(", cpu"):
-            out += ["- On CPU ranks the ratio measures Gloo more than syncnorm: the 2 all-reduces (loopback TCP between "
-                    "processes that share this machine's cores) take most of syncnorm's time (compare the two "
+            out += ["- On CPU ranks the ratio measures Gloo more than syncnorm: the 2 all-reduces (loopback TCP "
+                    "between processes that share this machine's cores) take most of syncnorm's time (compare the two "
                     "columns); syncnorm's own arithmetic is the remainder."]
     failed = [r.name for r in results if r.verdict == "FAIL"]
     out += ["", f"**{'FAILED: ' + ', '.join(failed) if failed else 'PASSED'}**"]
@@ -202,7 +201,7 @@ def launch_ranks(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if fix:
         print(f"{prog}: {fix}", file=sys.stderr, flush=True)
         return 2
-    options = ["--nproc", str(nproc), *(["--cpu"] if cpu else [])]
+    options = ["--nproc", str(nproc), *(["--cpu"] if args.device == "cpu" else [])]
     print(f"{prog}: not started by a launcher: starting {nproc} rank(s) (syncnorm-run {' '.join(options)} "
           "-m syncnorm.selftest)", flush=True)
     return launch.run([*options, "-m", "syncnorm.selftest", *_without_nproc(argv)], prog=prog)
