@@ -251,7 +251,9 @@ def run(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import run as torchrun
 
-    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_DropFailureLine())
+    agent_log = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+    if not any(isinstance(f, _DropFailureLine) for f in agent_log.filters):
+        agent_log.addFilter(_DropFailureLine())
     try:
         torchrun(args)
     except ChildFailedError as error:
