@@ -59,7 +59,7 @@ def test_selftest_passes_on_gloo_cpu_ranks(tmp_path: Path, nproc: int) -> None:
     if nproc == 2:  # alone: it starts its ranks itself, 2 CPU processes without GPU
         done = _run(["-m", "syncnorm.selftest", "--quick", "--json", str(report)], _env())
         assert done.stdout.startswith("syncnorm.selftest: not started by a launcher: starting 2 rank(s) "
-                                      "(syncnorm-run --nproc 2 --cpu -m syncnorm.selftest)\n"), done.stdout
+                                      "(syncnorm-run --nproc 2 -m syncnorm.selftest)\n"), done.stdout
     else:  # the speed part once (2 ranks): it only times, and 3 ranks on 2 busy cores would take long
         done = _run(_torchrun(nproc, "--json", str(report), "--no-speed"), _env())
     assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout}\n{done.stderr[-6000:]}"
