@@ -276,10 +276,10 @@ SPEED_SHAPES = {
     "cuda-quick": [((64, 256, 56, 56), torch.bfloat16), ((256, 512, 7, 7), torch.float32),
                    ((4096, 2048), torch.float32)],
 }
-VARIANTS = ("syncnorm", "local BatchNorm", "torch.nn.SyncBatchNorm")
-# What syncnorm's training step sends, timed alone: the forward's all-reduce of 2C+1 float64 values (per-channel
-# sums, sums of squares, the count) and the backward's of 2C. On CPU ranks over Gloo it is most of syncnorm's time.
-ALL_REDUCES = "its 2 all-reduces alone"
+# The same syncnorm layer in a process group of this rank alone: its own work, without communication. The
+# difference to "syncnorm" is the all-reduces and each rank's wait in them for the slowest rank.
+WITHOUT_COMMUNICATION = "syncnorm without communication"
+VARIANTS = ("syncnorm", WITHOUT_COMMUNICATION, "local BatchNorm", "torch.nn.SyncBatchNorm")
 
 
 def _sync(device: torch.device) -> None:
@@ -287,28 +287,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _layers(channels: int, dim: int, device: torch.device) -> dict[str, nn.Module]:
+def _layers(channels: int, dim: int, device: torch.device, alone: Any) -> dict[str, nn.Module]:
     local = (nn.BatchNorm1d if dim <= 3 else nn.BatchNorm2d)(channels, device=device)
-    return {"syncnorm": syncnorm.SyncBatchNorm(channels, device=device), "local BatchNorm": local,
-            "torch.nn.SyncBatchNorm": nn.SyncBatchNorm(channels, device=device)}
-
-
-def _all_reduces(forward: Tensor, backward: Tensor) -> None:
-    dist.all_reduce(forward)
-    dist.all_reduce(backward)
+    return {"syncnorm": syncnorm.SyncBatchNorm(channels, device=device),
+            WITHOUT_COMMUNICATION: syncnorm.SyncBatchNorm(channels, process_group=alone, device=device),
+            "local BatchNorm": local, "torch.nn.SyncBatchNorm": nn.SyncBatchNorm(channels, device=device)}
 
 
 def run_speed(ctx: Context, iters: Optional[int]) -> tuple[list[dict[str, Any]], str]:
-    """Median fwd+bwd ms per variant and shape, and of syncnorm's all-reduces alone, the slowest rank's (MAX)."""
+    """Median fwd+bwd ms per variant and shape, the slowest rank's (all-reduced MAX)."""
     key = ("cuda" if ctx.device.type == "cuda" else "cpu") + ("-quick" if ctx.quick else "")
     iters = iters or (8 if ctx.quick else 30)
     warmup = 2 if ctx.quick else 5
     rows = []
+    # Every rank creates every group, in the same order, as new_group requires.
+    alone = [dist.new_group([rank]) for rank in range(ctx.world_size)][ctx.rank]
     for shape, dtype in SPEED_SHAPES[key]:
         torch.manual_seed(ctx.rank)
         x = (torch.randn(shape, device=ctx.device) * 2 + 3).to(dtype).requires_grad_()
         dy = torch.randn(shape, device=ctx.device).to(dtype)
-        layers = _layers(shape[1], len(shape), ctx.device)
+        layers = _layers(shape[1], len(shape), ctx.device, alone)
         notes: dict[str, str] = {}
         for name in list(layers):
             try:  # the same on every rank: it depends on the device type only
@@ -316,9 +314,7 @@ def run_speed(ctx: Context, iters: Optional[int]) -> tuple[list[dict[str, Any]],
             except (ValueError, RuntimeError) as error:
                 notes[name] = f"{name} refuses {ctx.device.type} tensors: {str(error).splitlines()[0]}"
                 del layers[name]
-        times: dict[str, list[float]] = {name: [] for name in [*layers, ALL_REDUCES]}
-        sums = (torch.zeros(2 * shape[1] + 1, dtype=torch.float64, device=ctx.device),
-                torch.zeros(2 * shape[1], dtype=torch.float64, device=ctx.device))
+        times: dict[str, list[float]] = {name: [] for name in layers}
         for i in range(warmup + iters):
             dist.barrier()  # every rank starts the step together; not timed
             for name, layer in layers.items():
@@ -329,20 +325,18 @@ def run_speed(ctx: Context, iters: Optional[int]) -> tuple[list[dict[str, Any]],
                 _sync(ctx.device)
                 if i >= warmup:
                     times[name].append((time.perf_counter() - start) * 1e3)
-            _sync(ctx.device)
-            start = time.perf_counter()
-            _all_reduces(*sums)
-            _sync(ctx.device)
-            if i >= warmup:
-                times[ALL_REDUCES].append((time.perf_counter() - start) * 1e3)
-        medians = torch.tensor([statistics.median(times[v]) if v in times else 0.0 for v in (*VARIANTS, ALL_REDUCES)],
+        medians = torch.tensor([statistics.median(times[v]) if v in times else 0.0 for v in VARIANTS],
                                dtype=torch.float64, device=ctx.device)
         dist.all_reduce(medians, op=dist.ReduceOp.MAX)
-        ms = {v: f"{m:.3f}" for v, m in zip(VARIANTS, medians.tolist()) if v in layers}
-        ratio = f"{medians[0].item() / medians[1].item():.2f}x" if medians[1].item() > 0 else "-"
+        median = dict(zip(VARIANTS, medians.tolist()))
+        ms = {v: f"{m:.3f}" for v, m in median.items() if v in layers}
+        synced, local = median["syncnorm"], median["local BatchNorm"]
+        ratio = f"{synced / local:.2f}x" if local > 0 else "-"
+        # The part of syncnorm's time that is communication (0 on one rank, where neither layer communicates).
+        share = max(0.0, 1 - median[WITHOUT_COMMUNICATION] / synced) if synced > 0 else 0.0
         rows.append({"shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
                      "variants": list(VARIANTS), "ms": ms, "notes": {k: "refused" for k in notes}, "ratio": ratio,
-                     "reasons": notes, "all_reduces_ms": f"{medians[len(VARIANTS)].item():.3f}"})
+                     "reasons": notes, "communication_share": round(share, 3)})
         del x, dy, layers
     note = (f"median of {iters} steps after {warmup} warm-up, slowest of {ctx.world_size} rank(s), "
             f"{ctx.backend}, {ctx.device.type}")

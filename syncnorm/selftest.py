@@ -143,19 +143,22 @@ def format_report(env: dict[str, Any], results: list[Result], speed: list[dict[s
     if speed:
         out += ["", f"### Speed (forward+backward of one training-mode layer; {speed_note})", ""]
         srows = [(s["shape"], s["dtype"], *[s["ms"].get(v, s["notes"].get(v, "-")) for v in s["variants"]],
-                  s["all_reduces_ms"], s["ratio"]) for s in speed]
-        header = ("shape per rank", "dtype", *[f"{v} ms" for v in speed[0]["variants"]],
-                  "syncnorm's 2 all-reduces alone ms", "syncnorm / local")
+                  s["ratio"]) for s in speed]
+        header = ("shape per rank", "dtype", *[f"{v} ms" for v in speed[0]["variants"]], "syncnorm / local")
         out.append(_table(header, srows))
         notes = sorted({n for s in speed for n in s["reasons"].values()})
         out += [f"- {n}" for n in notes]
-        out += ["- syncnorm / local: the time of syncnorm's forward+backward over local BatchNorm's (which "
-                "communicates nothing); syncnorm's 2 all-reduces alone: the forward's of 2C+1 float64 values and the "
-                "backward's of 2C, timed without the layer."]
-        if env["backend"] == "gloo" and speed_note.endswith(", cpu"):
-            out += ["- On CPU ranks the ratio measures Gloo more than syncnorm: the 2 all-reduces (loopback TCP "
-                    "between processes that share this machine's cores) take most of syncnorm's time (compare the two "
-                    "columns); syncnorm's own arithmetic is the remainder."]
+        out.append("- syncnorm / local: syncnorm's time over local BatchNorm's, which communicates nothing. syncnorm "
+                   "without communication: the same layer in a process group of its own rank alone; the difference "
+                   "to syncnorm is communication (2 all-reduces, and each rank's wait in them for the slowest rank).")
+        shares = [s["communication_share"] for s in speed]
+        if env["backend"] == "gloo" and speed_note.endswith(", cpu") and env["world_size"] > 1:
+            low, high = f"{min(shares):.0%}", f"{max(shares):.0%}"
+            span = low if low == high else f"{low} to {high}"
+            lead = ("this ratio measures Gloo more than syncnorm's arithmetic: " if min(shares) >= 0.5 else "")
+            out.append(f"- On CPU ranks {lead}communication over Gloo (loopback TCP between processes that share "
+                       f"this machine's cores) is {span} of syncnorm's time; its own work is the column without "
+                       "communication.")
     failed = [r.name for r in results if r.verdict == "FAIL"]
     out += ["", f"**{'FAILED: ' + ', '.join(failed) if failed else 'PASSED'}**"]
     return "\n".join(out)
