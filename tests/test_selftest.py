@@ -82,6 +82,9 @@ def test_selftest_passes_on_gloo_cpu_ranks(tmp_path: Path, nproc: int) -> None:
         # line under the table states the share of communication that the JSON holds.
         assert all(float(row["ms"]["syncnorm without communication"]) > 0 for row in result["speed"])
         assert "| syncnorm ms | syncnorm without communication ms | local BatchNorm ms |" in done.stdout
+        for row in result["speed"]:  # the share is what the two columns say (to their rounding)
+            alone, synced = float(row["ms"]["syncnorm without communication"]), float(row["ms"]["syncnorm"])
+            assert row["communication_share"] == pytest.approx(max(0.0, 1 - alone / synced), abs=5e-3), row
         shares = sorted(f"{row['communication_share']:.0%}" for row in result["speed"])
         span = shares[0] if shares[0] == shares[-1] else f"{shares[0]} to {shares[-1]}"
         line = next(line for line in done.stdout.splitlines() if line.startswith("- On CPU ranks "))
