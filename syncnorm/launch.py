@@ -93,7 +93,7 @@ def _unknown_option(option: str, torchrun: dict[str, int]) -> _UsageError:
                        f"and torchrun's: {' '.join(listed)}")
 
 
-def build_command(argv: Sequence[str], prog: str) -> tuple[list[str], bool, list[str]]:
+def _build_command(argv: Sequence[str], prog: str) -> tuple[list[str], bool, list[str]]:
     """The torchrun arguments for ``argv``, whether it was a dry run, and the lines that say what it chose.
 
     Raises:
@@ -237,7 +237,7 @@ def run(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int
     prog = prog or os.environ.pop(PROG_VARIABLE, None) or "syncnorm-run"
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        command, dry_run, said = build_command(argv, prog)
+        command, dry_run, said = _build_command(argv, prog)
         # Parsed by torchrun's own parser: every option of the installed torch, checked as torchrun checks it.
         args = _torchrun_parser(prog).parse_args(command)
     except _UsageError as error:

@@ -177,7 +177,7 @@ def _without_nproc(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def launch_ranks(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _launch_ranks(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Run alone: start the self-check on 2 or more local ranks through ``syncnorm-run``; its exit status.
 
     A check of one process tests no communication, so a count below 2 is refused with the way to run it.
@@ -242,7 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return launch_ranks(args, argv)
+        return _launch_ranks(args, argv)
     watchdog = Watchdog()
     device = choose_device(args.device)
     backend = choose_backend(args.backend, device)
