@@ -22,4 +22,4 @@ __all__ = [
     "update_bn_stats",
     "validation",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import faulthandler
 import os
+import pickle
 import statistics
 import sys
 import threading
@@ -83,10 +84,21 @@ CASES = [
 ]
 
 
-def _gather(obj: Any, world_size: int) -> list[Any]:
-    objects: list[Any] = [None] * world_size
-    dist.all_gather_object(objects, obj)
-    return objects
+def gather_objects(obj: Any, device: torch.device) -> list[Any]:
+    """Every rank's ``obj``, in rank order (a collective).
+
+    Not ``dist.all_gather_object``: it needs numpy, which torch does not install.
+    """
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+    world_size = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device))
+    longest = max(int(size.item()) for size in sizes)
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    return [pickle.loads(bytes(t[: int(n.item())].tolist())) for t, n in zip(gathered, sizes)]
 
 
 def _cpu(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -166,7 +178,7 @@ def run_layer_case(case: Case, ctx: Context, sizes: list[int]) -> Result:
             "grad_bias": _cpu(layer.bias.grad), "running_mean": _cpu(layer.running_mean),
             "running_var": _cpu(layer.running_var), "num_batches_tracked": int(layer.num_batches_tracked.item()),
             "layout_kept": kept, "dtype": str(y.dtype)}
-    ranks = _gather(mine, ctx.world_size)
+    ranks = gather_objects(mine, ctx.device)
 
     ref = _reference_bn(len(case.tail) + 1, channels)
     _set_params(ref, channels)
@@ -218,7 +230,7 @@ def run_model_case(case: Case, ctx: Context, sizes: list[int]) -> Result:
     mine = {"x": _cpu(x), "dy": _cpu(dy), "loss": loss.item(),
             "grads": {n: _cpu(p.grad) for n, p in model.named_parameters()},
             "buffers": {n: _cpu(b) if b.is_floating_point() else int(b.item()) for n, b in model.named_buffers()}}
-    ranks = _gather(mine, ctx.world_size)
+    ranks = gather_objects(mine, ctx.device)
 
     x64 = torch.cat([r["x"] for r in ranks])
     ref_loss = (reference(x64) * torch.cat([r["dy"] for r in ranks])).sum() / total
@@ -264,7 +276,10 @@ SPEED_SHAPES = {
     "cuda-quick": [((64, 256, 56, 56), torch.bfloat16), ((256, 512, 7, 7), torch.float32),
                    ((4096, 2048), torch.float32)],
 }
-VARIANTS = ("syncnorm", "local BatchNorm", "torch.nn.SyncBatchNorm")
+# The same syncnorm layer in a process group of this rank alone: its own work, without communication. The
+# difference to "syncnorm" is the all-reduces and each rank's wait in them for the slowest rank.
+WITHOUT_COMMUNICATION = "syncnorm without communication"
+VARIANTS = ("syncnorm", WITHOUT_COMMUNICATION, "local BatchNorm", "torch.nn.SyncBatchNorm")
 
 
 def _sync(device: torch.device) -> None:
@@ -272,10 +287,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _layers(channels: int, dim: int, device: torch.device) -> dict[str, nn.Module]:
+def _layers(channels: int, dim: int, device: torch.device, alone: Any) -> dict[str, nn.Module]:
     local = (nn.BatchNorm1d if dim <= 3 else nn.BatchNorm2d)(channels, device=device)
-    return {"syncnorm": syncnorm.SyncBatchNorm(channels, device=device), "local BatchNorm": local,
-            "torch.nn.SyncBatchNorm": nn.SyncBatchNorm(channels, device=device)}
+    return {"syncnorm": syncnorm.SyncBatchNorm(channels, device=device),
+            WITHOUT_COMMUNICATION: syncnorm.SyncBatchNorm(channels, process_group=alone, device=device),
+            "local BatchNorm": local, "torch.nn.SyncBatchNorm": nn.SyncBatchNorm(channels, device=device)}
 
 
 def run_speed(ctx: Context, iters: Optional[int]) -> tuple[list[dict[str, Any]], str]:
@@ -284,11 +300,13 @@ def run_speed(ctx: Context, iters: Optional[int]) -> tuple[list[dict[str, Any]],
     iters = iters or (8 if ctx.quick else 30)
     warmup = 2 if ctx.quick else 5
     rows = []
+    # Every rank creates every group, in the same order, as new_group requires.
+    alone = [dist.new_group([rank]) for rank in range(ctx.world_size)][ctx.rank]
     for shape, dtype in SPEED_SHAPES[key]:
         torch.manual_seed(ctx.rank)
         x = (torch.randn(shape, device=ctx.device) * 2 + 3).to(dtype).requires_grad_()
         dy = torch.randn(shape, device=ctx.device).to(dtype)
-        layers = _layers(shape[1], len(shape), ctx.device)
+        layers = _layers(shape[1], len(shape), ctx.device, alone)
         notes: dict[str, str] = {}
         for name in list(layers):
             try:  # the same on every rank: it depends on the device type only
@@ -310,11 +328,15 @@ def run_speed(ctx: Context, iters: Optional[int]) -> tuple[list[dict[str, Any]],
         medians = torch.tensor([statistics.median(times[v]) if v in times else 0.0 for v in VARIANTS],
                                dtype=torch.float64, device=ctx.device)
         dist.all_reduce(medians, op=dist.ReduceOp.MAX)
-        ms = {v: f"{m:.3f}" for v, m in zip(VARIANTS, medians.tolist()) if v in layers}
-        ratio = f"{medians[0].item() / medians[1].item():.2f}x" if medians[1].item() > 0 else "-"
+        median = dict(zip(VARIANTS, medians.tolist()))
+        ms = {v: f"{m:.3f}" for v, m in median.items() if v in layers}
+        synced, local = median["syncnorm"], median["local BatchNorm"]
+        ratio = f"{synced / local:.2f}x" if local > 0 else "-"
+        # The part of syncnorm's time that is communication (0 on one rank, where neither layer communicates).
+        share = max(0.0, 1 - median[WITHOUT_COMMUNICATION] / synced) if synced > 0 else 0.0
         rows.append({"shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
                      "variants": list(VARIANTS), "ms": ms, "notes": {k: "refused" for k in notes}, "ratio": ratio,
-                     "reasons": notes})
+                     "reasons": notes, "communication_share": round(share, 3)})
         del x, dy, layers
     note = (f"median of {iters} steps after {warmup} warm-up, slowest of {ctx.world_size} rank(s), "
             f"{ctx.backend}, {ctx.device.type}")

@@ -105,17 +105,28 @@ def convert_model(
         ``module`` itself, converted.
 
     Raises:
-        TypeError: ``process_group`` is neither a ProcessGroup nor a DeviceMesh, or ``exclude`` is
-            neither a predicate nor a collection of names (str).
+        TypeError: ``module`` is not a ``torch.nn.Module``; ``process_group`` is neither a ProcessGroup
+            nor a DeviceMesh, or ``exclude`` is neither a predicate nor a collection of names (str).
         ValueError: a DeviceMesh that does not contain this rank; a name in ``exclude`` is not a module
             of the model (a typo would otherwise leave the layer synchronised silently), or a
             ``LazyBatchNorm`` layer has not yet initialised its parameters (run one forward pass first).
+
+    Warns:
+        UserWarning: ``module`` holds no synchronised layer afterwards (no BatchNorm in it, or every one
+            excluded): a model with GroupNorm or LayerNorm only needs no conversion, but converting the
+            wrong object (a wrapper's inner part, a copy) would otherwise go unnoticed.
 
     Example:
         >>> model = torchvision.models.resnet18()
         >>> model = syncnorm.convert_model(model, exclude=["layer4"])
         >>> model = torch.nn.parallel.DistributedDataParallel(model)
     """
+    if not isinstance(module, nn.Module):
+        got = f"the class {module.__name__}" if isinstance(module, type) else f"a {type(module).__name__}"
+        raise TypeError(
+            f"syncnorm.convert_model expected module to be a torch.nn.Module (a model or a BatchNorm layer), got "
+            f"{got}; pass the model itself, e.g. model = syncnorm.convert_model(model)."
+        )
     is_excluded = _exclusion(module, exclude)
     # On every rank, before anything changes: the group of an N-D DeviceMesh is created collectively.
     process_group = _comm.resolve_group(process_group, "syncnorm.convert_model")
@@ -144,6 +155,16 @@ def convert_model(
             f"convert_model(fuse_activation=True) left {len(not_fused)} BatchNormAct2d layers unfused (activation not "
             f"invertible, or a drop layer or hooks; synchronised as without fusing): {', '.join(not_fused)}",
             stacklevel=2,
+        )
+    if not any(_is_synchronised(layer) for layer in module.modules()):
+        if any(isinstance(layer, _BatchNorm) for layer in module.modules()):
+            because = f"exclude left every BatchNorm layer local (excluded: {', '.join(map(repr, excluded))})"
+        else:
+            because = "it holds no BatchNorm layer (torch.nn.BatchNorm1d/2d/3d, torch.nn.SyncBatchNorm or a subclass)"
+        warnings.warn(
+            f"syncnorm.convert_model converted nothing in the {type(module).__name__} it got: {because}. Check that "
+            "it is the model you train (a model with GroupNorm or LayerNorm only needs no conversion).",
+            UserWarning, stacklevel=2,
         )
     return module
 

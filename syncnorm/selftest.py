@@ -1,11 +1,12 @@
 """``python -m syncnorm.selftest``: is syncnorm exact and fast on this machine, with this launcher?
 
-Run it on every rank of a job, exactly as a training script (or alone, as one process)::
+Run it alone, and it starts its own ranks (one per GPU on NCCL; without GPU, 2 CPU processes on Gloo), or
+run it on every rank of a job, exactly as a training script::
 
+    syncnorm-selftest --quick                    # or python -m syncnorm.selftest: starts 2 or more ranks
+    syncnorm-run -m syncnorm.selftest --quick    # the same through the launcher (launch/torchrun.sh too)
     python -m torch.distributed.run --standalone --nproc-per-node 8 -m syncnorm.selftest   # or torchrun
-    launch/torchrun.sh -m syncnorm.selftest --quick
     launch/mpirun.sh -n 2 syncnorm/selftest.py --quick
-    python -m syncnorm.selftest                                                            # one process
 
 Devices and backend follow the job: CUDA tensors over NCCL (one GPU a rank, ``LOCAL_RANK``), CPU tensors
 over Gloo without GPU, CUDA tensors over Gloo with ``--backend gloo`` (several ranks may then share a GPU).
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 # Absolute imports: launch/mpirun.sh runs this file as a script (runpy.run_path), not as a module.
-from syncnorm._selftest import CASES, Context, Result, Watchdog, run_case, run_speed
+from syncnorm._selftest import CASES, Context, Result, Watchdog, gather_objects, run_case, run_speed
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -54,6 +55,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="seconds to form the process group, and for each case, before giving up (default 120)")
     parser.add_argument("--no-speed", action="store_true", help="skip the speed part")
     parser.add_argument("--iters", type=int, default=None, help="timed steps per variant (default 30, --quick 8)")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="ranks to start when run alone, 2 or more (default: one per GPU; 2 CPU processes "
+                        "without GPU); under a launcher, the launcher's count")
     return parser.parse_args(argv)
 
 
@@ -79,22 +83,11 @@ def choose_backend(choice: str, device: torch.device) -> str:
     return choice
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def init_group(backend: str, device: torch.device, timeout_s: float, watchdog: Watchdog) -> str:
-    """Join the job's process group (torchrun/MPI variables), or form a group of one; return how."""
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if launched:
-        where = (f"env:// (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}, "
-                 f"MASTER_ADDR={os.environ.get('MASTER_ADDR', '?')}, MASTER_PORT={os.environ.get('MASTER_PORT', '?')})")
-        kwargs: dict[str, Any] = {"init_method": "env://"}
-    else:
-        where = "a group of one process (no RANK/WORLD_SIZE in the environment: not started by a launcher)"
-        kwargs = {"init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
+    """Join the job's process group (torchrun's or MPI's variables); return how."""
+    where = (f"env:// (rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']}, "
+             f"MASTER_ADDR={os.environ.get('MASTER_ADDR', '?')}, MASTER_PORT={os.environ.get('MASTER_PORT', '?')})")
+    kwargs: dict[str, Any] = {"init_method": "env://"}
     if backend == "nccl":
         kwargs["device_id"] = device
     watchdog.arm(timeout_s + 15, f"forming the {backend} process group via {where}")
@@ -115,8 +108,7 @@ def init_group(backend: str, device: torch.device, timeout_s: float, watchdog: W
 def environment(device: torch.device, backend: str, where: str) -> dict[str, Any]:
     """Versions and every rank's device, for the header (a collective: every rank calls it)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
-    devices: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(devices, f"{socket.gethostname()} {device} {name}")
+    devices = gather_objects(f"{socket.gethostname()} {device} {name}", device)
     nccl = None
     if torch.cuda.is_available() and hasattr(torch.cuda, "nccl"):
         try:
@@ -156,26 +148,84 @@ def format_report(env: dict[str, Any], results: list[Result], speed: list[dict[s
         out.append(_table(header, srows))
         notes = sorted({n for s in speed for n in s["reasons"].values()})
         out += [f"- {n}" for n in notes]
+        out.append("- syncnorm / local: syncnorm's time over local BatchNorm's, which communicates nothing. syncnorm "
+                   "without communication: the same layer in a process group of its own rank alone; the difference "
+                   "to syncnorm is communication (2 all-reduces, and each rank's wait in them for the slowest rank).")
+        shares = [s["communication_share"] for s in speed]
+        if env["backend"] == "gloo" and speed_note.endswith(", cpu") and env["world_size"] > 1:
+            low, high = f"{min(shares):.0%}", f"{max(shares):.0%}"
+            span = low if low == high else f"{low} to {high}"
+            lead = ("this ratio measures Gloo more than syncnorm's arithmetic: " if min(shares) >= 0.5 else "")
+            out.append(f"- On CPU ranks {lead}communication over Gloo (loopback TCP between processes that share "
+                       f"this machine's cores) is {span} of syncnorm's time; its own work is the column without "
+                       "communication.")
     failed = [r.name for r in results if r.verdict == "FAIL"]
     out += ["", f"**{'FAILED: ' + ', '.join(failed) if failed else 'PASSED'}**"]
     return "\n".join(out)
+
+
+def _without_nproc(argv: Sequence[str]) -> list[str]:
+    """The command line for the ranks: ``--nproc`` is for starting them."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def _launch_ranks(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Run alone: start the self-check on 2 or more local ranks through ``syncnorm-run``; its exit status.
+
+    A check of one process tests no communication, so a count below 2 is refused with the way to run it.
+    """
+    from syncnorm import launch
+
+    prog = "syncnorm.selftest"
+    cpu = args.device == "cpu" or not torch.cuda.is_available()
+    gpus = 0 if cpu else torch.cuda.device_count()
+    nproc = args.nproc if args.nproc is not None else (gpus or 2)
+    fix = ""
+    if nproc < 2 and args.nproc is not None:
+        fix = (f"--nproc {nproc}: a self-check of communication needs 2 ranks or more. One process alone: "
+               "syncnorm-run --nproc 1 -m syncnorm.selftest")
+    elif nproc < 2:
+        fix = (f"{gpus} GPU here, and NCCL needs one GPU a rank: a self-check of communication needs 2. Run it on 2 "
+               "CPU ranks (syncnorm-selftest --device cpu), with CUDA tensors over Gloo on this GPU "
+               "(python -m torch.distributed.run --standalone --nproc-per-node 2 -m syncnorm.selftest --backend "
+               "gloo), or as one NCCL rank that communicates nothing (syncnorm-run --nproc 1 -m syncnorm.selftest)")
+    elif not cpu and args.backend == "gloo" and nproc > gpus:
+        fix = (f"--nproc {nproc} with CUDA tensors over Gloo on {gpus} GPU(s): start the ranks with "
+               f"python -m torch.distributed.run --standalone --nproc-per-node {nproc} -m syncnorm.selftest "
+               "--backend gloo")
+    if fix:
+        print(f"{prog}: {fix}", file=sys.stderr, flush=True)
+        return 2
+    options = ["--nproc", str(nproc), *(["--cpu"] if args.device == "cpu" else [])]
+    print(f"{prog}: not started by a launcher: starting {nproc} rank(s) (syncnorm-run {' '.join(options)} "
+          "-m syncnorm.selftest)", flush=True)
+    return launch.run([*options, "-m", "syncnorm.selftest", *_without_nproc(argv)], prog=prog)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the self-test on this rank; return the exit status (the same on every rank).
 
     Every rank of the job calls it, as ``python -m syncnorm.selftest`` does: it joins the job's process
-    group (torchrun's or MPI's variables; alone, a group of one), runs the exactness cases and the speed
-    part, prints the report on rank 0, and destroys the group.
+    group (torchrun's or MPI's variables), runs the exactness cases and the speed part, prints the report
+    on rank 0, and destroys the group. Called alone (no ``RANK``/``WORLD_SIZE`` in the environment), it
+    starts the job itself: ``--nproc`` ranks through ``syncnorm-run``, one per GPU, or 2 CPU processes.
 
     Args:
         argv: the command-line options (``--quick``, ``--json FILE``, ``--backend auto|nccl|gloo``,
-            ``--device auto|cuda|cpu``, ``--timeout S``, ``--no-speed``, ``--iters N``); default
-            ``sys.argv[1:]``.
+            ``--device auto|cuda|cpu``, ``--timeout S``, ``--no-speed``, ``--iters N``, ``--nproc N``);
+            default ``sys.argv[1:]``.
 
     Returns:
         0 when every case passed on every rank, 1 when any failed on any rank (the ranks all-reduce
-        the verdict).
+        the verdict); run alone, the status of the job it started, 2 for fewer than 2 ranks.
 
     Raises:
         SystemExit: a device or backend that this rank cannot use (``--device cuda`` without CUDA,
@@ -185,11 +235,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Example:
         >>> import syncnorm.selftest
-        >>> status = syncnorm.selftest.main(["--quick", "--no-speed"])  # on every rank
+        >>> status = syncnorm.selftest.main(["--quick", "--no-speed"])  # alone: it starts 2 ranks or more
         >>> status
         0
     """
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return _launch_ranks(args, argv)
     watchdog = Watchdog()
     device = choose_device(args.device)
     backend = choose_backend(args.backend, device)

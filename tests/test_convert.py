@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 from typing import Any
 
 import pytest
@@ -164,6 +165,57 @@ def test_exclude_with_unknown_name_is_an_error() -> None:
 def test_uninitialised_lazy_batchnorm_is_refused_with_a_fix() -> None:
     with pytest.raises(ValueError, match="Run one forward pass"):
         syncnorm.convert_model(nn.Sequential(nn.LazyBatchNorm2d()))
+
+
+@pytest.mark.parametrize(
+    ("model", "because"),
+    [
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.LayerNorm(2)),
+         "in the Sequential it got: it holds no BatchNorm layer"),
+        (FrozenBatchNorm2d(3), "in the FrozenBatchNorm2d it got: it holds no BatchNorm layer"),
+    ],
+    ids=["groupnorm_model", "frozen_batchnorm"],
+)
+def test_a_model_without_batchnorm_is_left_as_it_is_with_a_warning(model: nn.Module, because: str) -> None:
+    before = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="syncnorm.convert_model converted nothing " + because) as record:
+        assert syncnorm.convert_model(model) is model
+    assert len(record) == 1 and record[0].filename == __file__  # stacklevel: the caller's line
+    assert repr(model) == repr(before)
+
+
+def test_excluding_every_batchnorm_warns_with_the_names_excluded() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(nn.BatchNorm2d(3)), nn.BatchNorm1d(3))
+    with pytest.warns(UserWarning, match=r"exclude left every BatchNorm layer local \(excluded: '1', '2'\)"):
+        syncnorm.convert_model(model, exclude=["1", "2"])
+    assert type(model[1][0]) is nn.BatchNorm2d and type(model[2]) is nn.BatchNorm1d
+
+
+@pytest.mark.parametrize("twice", [False, True], ids=["first_conversion", "already_converted"])
+def test_a_model_with_batchnorm_converts_without_a_warning(twice: bool) -> None:
+    model = small_cnn()
+    if twice:
+        syncnorm.convert_model(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        syncnorm.convert_model(model)
+    assert type(model[1]) is syncnorm.SyncBatchNorm
+
+
+@pytest.mark.parametrize(
+    ("argument", "got"),
+    [
+        (lambda: small_cnn().parameters(), "got a generator"),
+        (lambda: [nn.BatchNorm2d(3)], "got a list"),
+        (lambda: nn.BatchNorm2d, "got the class BatchNorm2d"),
+        (lambda: None, "got a NoneType"),
+    ],
+    ids=["parameters", "list_of_layers", "class_not_instance", "none"],
+)
+def test_a_non_module_is_a_type_error_naming_the_argument(argument: Any, got: str) -> None:
+    with pytest.raises(TypeError, match=r"syncnorm.convert_model expected module to be a torch.nn.Module \(a model or "
+                                        rf"a BatchNorm layer\), {got}; pass the model itself"):
+        syncnorm.convert_model(argument())
 
 
 def test_process_group_of_torch_syncbatchnorm_is_kept_unless_given() -> None:

@@ -73,6 +73,18 @@ def _run(cmd: list[str], env: dict[str, str]) -> str:
     return stdout
 
 
+def _launch_here(args: list[str], monkeypatch: pytest.MonkeyPatch, **variables: str) -> int:
+    """The launcher's run() in this process (no torch import to wait for), as launch/torchrun.sh calls it."""
+    from syncnorm import launch
+
+    monkeypatch.chdir(REPO)
+    for name, value in _env(SYNCNORM_CPU="1", **variables).items():
+        monkeypatch.setenv(name, value)
+    for name in {"NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC"} - variables.keys():
+        monkeypatch.delenv(name, raising=False)
+    return launch.run(args, prog="launch/torchrun.sh")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -193,13 +205,15 @@ def test_accelerate_launch_trains_on_two_cpu_processes(tmp_path: Path) -> None:
     ],
     ids=["one_node", "node_variables", "c10d_flags"],
 )
-def test_torchrun_launcher_passes_nodes_and_rendezvous_to_torchrun(args: list[str], variables: dict[str, str],
-                                                                 expected: str) -> None:
+def test_torchrun_launcher_passes_nodes_and_rendezvous_to_torchrun(
+    args: list[str], variables: dict[str, str], expected: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     script = "examples/train_digits.py"  # it must exist, even for a dry run
-    done = subprocess.run(["launch/torchrun.sh", "--dry-run", *args, script, "--steps", "3"], cwd=REPO,
-                          env=_env(**variables), capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-    command = done.stdout.strip().splitlines()[-1]
+    status = _launch_here(["--dry-run", *args, script, "--steps", "3"], monkeypatch, **variables)
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    command = out.strip().splitlines()[-1]
     assert command == f"{sys.executable} -m torch.distributed.run {expected} {script} --steps 3"
 
 
@@ -217,7 +231,7 @@ def test_launcher_scripts_parse_and_explain_a_missing_script() -> None:
 # process-group work (examples), so none of these tests trains anything.
 NPROC_EXPECTED = "--nproc expects a positive integer (processes on this node)"
 RANKS_EXPECTED = "expects a positive integer (the number of MPI ranks)"
-TORCHRUN_OPTIONS = "Options: --nproc N, --cpu, --dry-run, --help, and torchrun's: --standalone"
+TORCHRUN_OPTIONS = "Options: --nproc N, --cpu, --dry-run, --help, and torchrun's: --nnodes --rdzv-backend"
 
 
 @pytest.mark.parametrize(
@@ -228,20 +242,27 @@ TORCHRUN_OPTIONS = "Options: --nproc N, --cpu, --dry-run, --help, and torchrun's
         (["--nproc", "-2", "examples/train_digits.py"], f"{NPROC_EXPECTED}, got '-2'"),
         (["--dry-run", "--nproc=0", "examples/train_digits.py"], "--nproc expects a positive integer"),
         (["--nnodes", "x", "examples/train_digits.py"], "--nnodes (or NNODES) expects a positive integer"),
-        (["--cpus", "examples/train_digits.py"], f"unknown option --cpus (before the script). {TORCHRUN_OPTIONS}"),
-        (["--dryrun", "examples/train_digits.py"], f"unknown option --dryrun (before the script). {TORCHRUN_OPTIONS}"),
+        (["--cpus", "examples/train_digits.py"],
+         f"unknown option --cpus (before the script). Did you mean --cpu? {TORCHRUN_OPTIONS}"),
+        (["--dryrun", "examples/train_digits.py"],
+         f"unknown option --dryrun (before the script). Did you mean --dry-run? {TORCHRUN_OPTIONS}"),
+        (["--max-restarts", "x", "examples/train_digits.py"],
+         "torchrun options: argument --max-restarts/--max_restarts: invalid int value: 'x'"),
+        (["--standalone=1", "examples/train_digits.py"], "--standalone takes no value (got --standalone=1)"),
         (["examples/nope.py"], "training script examples/nope.py not found"),
         (["--nproc", "2"], "expected a training script"),
     ],
     ids=["nproc_0", "nproc_abc", "nproc_negative", "nproc_equals_0_dry_run", "nnodes_abc", "unknown_cpus",
-         "unknown_dryrun", "missing_script", "no_script"],
+         "unknown_dryrun", "torchrun_value", "torchrun_flag_with_value", "missing_script", "no_script"],
 )
-def test_torchrun_launcher_rejects_bad_arguments_in_one_line(args: list[str], message: str) -> None:
-    done = subprocess.run(["launch/torchrun.sh", *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 2, (done.stdout, done.stderr)
-    assert f"launch/torchrun.sh: {message}" in done.stderr.splitlines()[-1]
-    assert "process(es)" not in done.stdout  # stopped before choosing, let alone starting, any process
+def test_torchrun_launcher_rejects_bad_arguments_in_one_line(args: list[str], message: str,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    status = _launch_here(args, monkeypatch)
+    out, err = capsys.readouterr()
+    assert status == 2, (out, err)
+    assert len(err.splitlines()) == 1 and err.startswith(f"launch/torchrun.sh: {message}"), err
+    assert "process(es)" not in out  # stopped before choosing, let alone starting, any process
 
 
 @pytest.mark.parametrize(
@@ -262,13 +283,87 @@ def test_mpirun_launcher_rejects_bad_arguments_in_one_line(args: list[str], mess
     assert "MPI rank(s)" not in done.stdout  # nothing was started
 
 
-@pytest.mark.parametrize("launcher", ["launch/torchrun.sh", "launch/mpirun.sh"])
+@pytest.mark.parametrize("launcher", ["launch/torchrun.sh", "launch/mpirun.sh", "python -m syncnorm.launch"])
 def test_launchers_answer_help(launcher: str) -> None:
-    done = subprocess.run([launcher, "--help"], cwd=REPO, env=_env(MPIRUN="/bin/false"), capture_output=True,
+    command = [sys.executable, "-m", "syncnorm.launch"] if launcher.startswith("python") else [launcher]
+    done = subprocess.run([*command, "--help"], cwd=REPO, env=_env(MPIRUN="/bin/false"), capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0].startswith("Run a training script")
     assert f"Usage: {launcher}" in done.stdout and "--help" in done.stdout and "positive integer" in done.stdout
+
+
+# What a failing script leaves of the launcher's output: the script's own error (its stderr is the launcher's),
+# one line naming the first failing rank and its status, and that status as the launcher's; never torchrun's
+# traceback of its agent (ChildFailedError) nor its per-worker "failed (exitcode: ...)" log line.
+USAGE_ERROR = """\
+import argparse
+parser = argparse.ArgumentParser(prog="tiny.py")
+parser.add_argument("--steps", type=int)
+parser.parse_args()
+"""
+FAILURES = {
+    "exit_3": ("import os, sys\nsys.exit(3 if os.environ['RANK'] == '1' else 0)\n", 3,
+               "tiny.py exited with status 3 on rank 1 (its error is above)"),
+    "recorded_error": ("import os\nfrom torch.distributed.elastic.multiprocessing.errors import record\n\n"
+                       "@record\ndef main():\n    if os.environ['RANK'] == '1':\n"
+                       "        raise ValueError('bad value on rank 1\\nsecond line')\n\nmain()\n", 1,
+                       "tiny.py exited with status 1 on rank 1: ValueError: bad value on rank 1"),
+    "killed": ("import os, signal\nif os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\n", 137,
+               "tiny.py exited with signal SIGKILL on rank 1"),
+}
+LAUNCHERS = {"torchrun_sh": ["launch/torchrun.sh"], "python_m": [sys.executable, "-m", "syncnorm.launch"]}
+
+
+def _launch(launcher: list[str], script: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    process = _start([*launcher, "--nproc", "2", str(script), *args], _env())
+    stdout, stderr = _finish(process)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def _assert_no_torchrun_traceback(stderr: str) -> None:
+    for noise in ("Traceback", "ChildFailedError", "failed (exitcode", "Root Cause"):
+        assert noise not in stderr, stderr
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS), ids=list(LAUNCHERS))
+def test_a_mistyped_script_option_ends_in_its_usage_line_and_status_2(tmp_path: Path, launcher: str) -> None:
+    script = tmp_path / "tiny.py"
+    script.write_text(USAGE_ERROR)
+    done = _launch(LAUNCHERS[launcher], script, "--stpes", "3")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    _assert_no_torchrun_traceback(done.stderr)
+    lines = done.stderr.splitlines()
+    # Both ranks print it, unless torchrun stopped one first.
+    assert 1 <= lines.count("tiny.py: error: unrecognized arguments: --stpes 3") <= 2, done.stderr
+    prog = "launch/torchrun.sh" if launcher == "torchrun_sh" else "python -m syncnorm.launch"
+    assert lines[-1].startswith(f"{prog}: tiny.py exited with status 2 on rank "), done.stderr
+    assert lines[-1].endswith("(its error is above)")
+
+
+@pytest.mark.parametrize("failure", list(FAILURES), ids=list(FAILURES))
+def test_the_first_failing_rank_gives_the_exit_status_and_one_line(tmp_path: Path, failure: str) -> None:
+    code, status, line = FAILURES[failure]
+    script = tmp_path / "tiny.py"
+    script.write_text(code)
+    done = _launch(LAUNCHERS["python_m"], script)
+    assert done.returncode == status, (done.stdout, done.stderr)
+    assert done.stderr.splitlines()[-1].startswith(f"python -m syncnorm.launch: {line}"), done.stderr
+    if failure != "recorded_error":  # there the script's own traceback is the one printed
+        _assert_no_torchrun_traceback(done.stderr)
+    else:
+        assert "ChildFailedError" not in done.stderr and "failed (exitcode" not in done.stderr
+
+
+def test_a_script_that_succeeds_on_every_rank_exits_0(tmp_path: Path) -> None:
+    script = tmp_path / "tiny.py"
+    script.write_text("import os\nprint('rank', os.environ['RANK'], 'of', os.environ['WORLD_SIZE'])\n")
+    done = _launch(LAUNCHERS["python_m"], script)
+    assert done.returncode == 0, done.stderr
+    ranks = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert ranks == ["rank 0 of 2", "rank 1 of 2"], (done.stdout, done.stderr)
+    assert done.stdout.splitlines()[0] == ("python -m syncnorm.launch: no GPU found: 2 CPU process(es) on this node "
+                                           "on Gloo, 1 thread(s) each (--nproc N or NPROC=N to change)")
 
 
 def _example(name: str) -> Any:
@@ -332,4 +427,6 @@ def test_a_batch_the_data_cannot_fill_stops_every_rank_at_once_instead_of_hangin
         "train_digits.py: error: --batch-per-rank 1000 on 2 rank(s) asks for a global batch of 2000 "
         "images, but the digits have 1437 to train on; use --batch-per-rank 718 or less "
         "(--help lists the options)"}, stderr
-    assert "exitcode  : 2" in stderr and "train_digits:" not in stdout and not list(tmp_path.iterdir())
+    assert process.returncode == 2 and "Traceback" not in stderr, stderr
+    assert stderr.splitlines()[-1].startswith("launch/torchrun.sh: train_digits.py exited with status 2 on rank ")
+    assert "train_digits:" not in stdout and not list(tmp_path.iterdir())

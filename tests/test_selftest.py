@@ -1,7 +1,8 @@
 """``python -m syncnorm.selftest`` end to end, under torchrun on CPU Gloo ranks.
 
-It passes on 2 and 3 ranks (alone, as one process, it is run by
-benchmarks/gpu.sh); it FAILS (non-zero exit on every rank, FAILED in its table) when every
+It passes on 2 ranks that it starts itself when run alone, and on 3 ranks under torchrun (one rank, under
+torchrun, is run by benchmarks/gpu.sh); run alone it refuses fewer than 2 ranks; it FAILS (non-zero exit on
+every rank, FAILED in its table) when every
 all-reduce is corrupted by 0.1 % (tests/selftest_hook/sitecustomize.py, activated by an environment
 variable): a self-check that cannot fail is not a check; and a group that cannot form (a rank that was
 never started) ends with a clear message and a non-zero exit within its --timeout.
@@ -52,11 +53,15 @@ def _torchrun(nproc: int, *selftest_args: str) -> list[str]:
             "-m", "syncnorm.selftest", "--quick", *selftest_args]
 
 
-@pytest.mark.parametrize("nproc", [2, 3], ids=["2_ranks", "3_ranks"])
+@pytest.mark.parametrize("nproc", [2, 3], ids=["2_ranks_started_alone", "3_ranks_under_torchrun"])
 def test_selftest_passes_on_gloo_cpu_ranks(tmp_path: Path, nproc: int) -> None:
     report = tmp_path / "selftest.json"
-    # The speed part once (2 ranks): it only times, and 3 ranks on 2 busy cores would take long.
-    done = _run(_torchrun(nproc, "--json", str(report), *(["--no-speed"] if nproc == 3 else [])), _env())
+    if nproc == 2:  # alone: it starts its ranks itself, 2 CPU processes without GPU
+        done = _run(["-m", "syncnorm.selftest", "--quick", "--json", str(report)], _env())
+        assert done.stdout.startswith("syncnorm.selftest: not started by a launcher: starting 2 rank(s) "
+                                      "(syncnorm-run --nproc 2 -m syncnorm.selftest)\n"), done.stdout
+    else:  # the speed part once (2 ranks): it only times, and 3 ranks on 2 busy cores would take long
+        done = _run(_torchrun(nproc, "--json", str(report), "--no-speed"), _env())
     assert done.returncode == 0, f"exit {done.returncode}:\n{done.stdout}\n{done.stderr[-6000:]}"
     assert "### Exactness" in done.stdout and "**PASSED**" in done.stdout
     assert done.stdout.count("## syncnorm self-test") == 1, "only rank 0 prints the tables"
@@ -73,6 +78,47 @@ def test_selftest_passes_on_gloo_cpu_ranks(tmp_path: Path, nproc: int) -> None:
                    for row in result["speed"])
         assert all(row["notes"].get("torch.nn.SyncBatchNorm") == "refused" for row in result["speed"])
         assert "torch.nn.SyncBatchNorm refuses cpu tensors" in done.stdout
+        # What the ratio measures on CPU: the same layer without communication is timed beside it, and the
+        # line under the table states the share of communication that the JSON holds.
+        assert all(float(row["ms"]["syncnorm without communication"]) > 0 for row in result["speed"])
+        assert "| syncnorm ms | syncnorm without communication ms | local BatchNorm ms |" in done.stdout
+        for row in result["speed"]:  # the share is what the two columns say (to their rounding)
+            alone, synced = float(row["ms"]["syncnorm without communication"]), float(row["ms"]["syncnorm"])
+            assert row["communication_share"] == pytest.approx(max(0.0, 1 - alone / synced), abs=5e-3), row
+        shares = sorted(f"{row['communication_share']:.0%}" for row in result["speed"])
+        span = shares[0] if shares[0] == shares[-1] else f"{shares[0]} to {shares[-1]}"
+        line = next(line for line in done.stdout.splitlines() if line.startswith("- On CPU ranks "))
+        assert f"communication over Gloo (loopback TCP between processes that share this machine's cores) is {span} " \
+               "of syncnorm's time" in line, line
+
+
+@pytest.mark.parametrize(
+    ("argv", "gpus", "message"),
+    [
+        (["--nproc", "1"], 0, "--nproc 1: a self-check of communication needs 2 ranks or more. One process alone: "
+         "syncnorm-run --nproc 1 -m syncnorm.selftest"),
+        ([], 1, "1 GPU here, and NCCL needs one GPU a rank: a self-check of communication needs 2. Run it on 2 CPU "
+         "ranks (syncnorm-selftest --device cpu)"),
+        (["--backend", "gloo", "--nproc", "3"], 2, "--nproc 3 with CUDA tensors over Gloo on 2 GPU(s): start the ranks "
+         "with python -m torch.distributed.run --standalone --nproc-per-node 3 -m syncnorm.selftest --backend gloo"),
+    ],
+    ids=["nproc_1", "one_gpu", "gloo_more_ranks_than_gpus"],
+)
+def test_selftest_alone_refuses_fewer_than_2_ranks_with_how_to_run_it(
+    argv: list[str], gpus: int, message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    import torch
+
+    import syncnorm.selftest
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    # The GPUs torch would see (none is used: it refuses before starting anything).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert syncnorm.selftest.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"syncnorm.selftest: {message}"), err
 
 
 def test_selftest_fails_on_every_rank_when_an_all_reduce_is_corrupted_by_0_1_percent(tmp_path: Path) -> None:
