@@ -156,7 +156,7 @@ def convert_model(
             f"invertible, or a drop layer or hooks; synchronised as without fusing): {', '.join(not_fused)}",
             stacklevel=2,
         )
-    if not any(_is_synchronised(layer) for layer in module.modules()):
+    if not any(is_syncnorm_layer(layer) for layer in module.modules()):
         if any(isinstance(layer, _BatchNorm) for layer in module.modules()):
             because = f"exclude left every BatchNorm layer local (excluded: {', '.join(map(repr, excluded))})"
         else:
