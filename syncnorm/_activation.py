@@ -135,7 +135,7 @@ def fallback_index(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], 
     return torch.empty(0, dtype=torch.long, device=y.device) if index is None else index
 
 
-@torch.library.custom_op("syncnorm::actfallback_channels", mutates_args=())
+@torch.library.custom_op("syncnorm::act_fallback_channels", mutates_args=())
 def fallback_index_op(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], activation: str,
                       negative_slope: float, alpha: float, dtype: torch.dtype) -> Tensor:
     """``fallback_index`` as a custom op for torch.compile: its fake returns an index of unbacked size.
