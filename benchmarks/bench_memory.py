@@ -1,6 +1,7 @@
 """What autograd keeps for backward: SyncBatchNormAct vs SyncBatchNorm + LeakyReLU vs torch BatchNorm + LeakyReLU.
 
-One training step of a net of 8 conv -> BatchNorm -> LeakyReLU blocks, on 2 Gloo ranks (one thread each).
+One training step of a net of 8 conv -> BatchNorm -> LeakyReLU blocks, on 2 Gloo ranks (one thread each;
+``--world-size 1``: one process, where nothing synchronises and the saving is the same).
 "saved" is the bytes of the unique storages of every tensor autograd saves during the forward
 (``torch.autograd.graph.saved_tensors_hooks``), parameters excluded: what a step keeps alive until its
 backward. The network's input (saved by the first convolution) is in every row. On CUDA tensors
@@ -176,6 +177,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--timm", default="", help="a timm model to measure instead, e.g. efficientnet_b0")
     parser.add_argument("--layer", action="store_true", help="time one norm + activation layer instead")
+    parser.add_argument("--world-size", type=int, default=2,
+                        help="Gloo ranks (1: one process, no synchronisation; the memory saving is the same)")
     args = parser.parse_args()
     if args.layer:
         print_layer_times(args.steps)
@@ -186,12 +189,13 @@ def main() -> None:
     shape = (args.batch, args.channels, args.size, args.size)
     if args.timm:
         shape = (args.batch, 3, args.size, args.size)
-    reports = run_on_ranks(2, bench_memory.rank_measure, shape, args.steps, args.device, args.timm)
+    reports = run_on_ranks(args.world_size, bench_memory.rank_measure, shape, args.steps, args.device, args.timm)
     activation = args.batch * args.channels * args.size * args.size * 4
     what = (f"timm {args.timm} (act_layer='leaky_relu'), input {shape} per rank" if args.timm else
             f"{BLOCKS} blocks conv3x3 -> norm -> LeakyReLU(0.01), input {shape} per rank (one activation "
             f"{activation / 2**20:.2f} MiB)")
-    print(f"torch {torch.__version__}, {args.device}, 2 Gloo ranks x 1 thread, load average {os.getloadavg()[0]:.1f}; "
+    print(f"torch {torch.__version__}, {args.device}, {args.world_size} Gloo rank(s) x 1 thread, "
+          f"load average {os.getloadavg()[0]:.1f}; "
           f"{what}")
     variants = list(reports[0])
     base = f"{args.timm} converted" if args.timm else "syncnorm SyncBatchNorm + LeakyReLU"

@@ -19,16 +19,46 @@ from . import _comm, _validate
 from ._function import ActivationSpec, compiling_now, sync_batch_norm
 
 
-class SyncNormLayer(_BatchNorm):
-    """The base of every syncnorm layer: BatchNorm's arguments, buffers and prologue, the step synchronised.
+class SyncNormMixin:
+    """What every syncnorm layer is, whatever its BatchNorm class: the membership mark, its name in messages, and
+    the beginning of a step (validation, input checks, statistics group, recompute flag).
+
+    ``SyncNormLayer`` (``SyncBatchNorm``, ``SyncBatchNormAct``) and the classes ``convert_model`` generates for
+    user subclasses inherit it; ``is_syncnorm_layer`` asks for it.
+    """
+
+    _KIND: ClassVar[str] = "syncnorm layer"
+    # Qualified name in the model, for error messages; convert_model sets it.
+    layer_name: Optional[str] = None
+    num_features: int
+    training: bool
+    process_group: Optional[_comm.ProcessGroup]
+
+    def _describe(self) -> str:
+        name = f" '{self.layer_name}'" if self.layer_name else ""
+        return f"{self._KIND}{name} (num_features={self.num_features})"
+
+    def _begin_step(self, input: Any) -> tuple[str, bool, Optional[_comm.ProcessGroup], bool]:
+        """The first steps of every syncnorm forward: (description, validating, statistics group, recomputing).
+
+        Validation comes first, so a bad input on one rank raises on every rank, not only there; then the
+        input checks, on every rank, before the layer's own code and before any collective. The group is None
+        in eval mode and where nobody else takes part; ``recomputing``: autograd re-runs a checkpointed
+        forward inside backward (it synchronises again but counts nothing).
+        """
+        description = self._describe()
+        validating = begin_forward(self, input, description)  # type: ignore[arg-type]
+        group = _comm.statistics_group(self.process_group, description) if self.training else None
+        return description, validating, group, recomputing_forward()
+
+
+class SyncNormLayer(SyncNormMixin, _BatchNorm):
+    """The base of syncnorm's own layers: BatchNorm's arguments, buffers and prologue, the step synchronised.
 
     A subclass names itself (``_KIND``) and may add an activation (``_activation_spec``); the training step
     is ``_function.sync_batch_norm`` for all of them.
     """
 
-    _KIND: ClassVar[str] = "syncnorm layer"
-    # The mark that ``is_syncnorm_layer`` reads; convert_model's generated classes carry it too.
-    _syncnorm_layer: ClassVar[bool] = True
     # The input's number of dimensions at the last forward (revert_model picks BatchNorm1d/2d/3d by it).
     last_input_dim: Optional[int] = None
 
@@ -50,13 +80,8 @@ class SyncNormLayer(_BatchNorm):
         )
         # A DeviceMesh is resolved here, on every rank, never in a forward (an N-D mesh's group is collective).
         self.process_group = _comm.resolve_group(process_group, self._KIND)
-        # Qualified name in the model, for error messages; convert_model sets it.
-        self.layer_name: Optional[str] = None
-        self.last_input_dim: Optional[int] = None
-
-    def _describe(self) -> str:
-        name = f" '{self.layer_name}'" if self.layer_name else ""
-        return f"{self._KIND}{name} (num_features={self.num_features})"
+        self.layer_name = None
+        self.last_input_dim = None
 
     def _activation_spec(self) -> ActivationSpec:
         """The activation after the normalisation, as the step takes it (None: plain BatchNorm)."""
@@ -74,17 +99,14 @@ class SyncNormLayer(_BatchNorm):
         return self._forward(input)
 
     def _forward(self, input: Tensor) -> Tensor:
-        description = self._describe()
-        validating = begin_forward(self, input, description)
+        description, validating, group, recomputing = self._begin_step(input)
         # Remembered so that revert_model can pick BatchNorm1d/2d/3d for a layer built as SyncBatchNorm.
         # (Not while compiling: dynamo rejects an attribute write inside a checkpointed region.)
         if not compiling_now() and self.last_input_dim != input.dim():  # written once (__setattr__ is slow)
             self.last_input_dim = input.dim()
-        group = _comm.statistics_group(self.process_group, description) if self.training else None
-        # A forward that autograd re-runs inside backward (activation checkpointing) recomputes a batch
-        # already counted: it still synchronises (every rank recomputes), but updates nothing. (A compiled
-        # graph recomputes inside its own backward, without running this code again.)
-        recomputing = recomputing_forward()
+        # A recomputed forward (activation checkpointing) recomputes a batch already counted: it still
+        # synchronises (every rank recomputes), but updates nothing. (A compiled graph recomputes inside its
+        # own backward, without running this code again.)
         tracks = (
             self.training and self.track_running_stats and self.num_batches_tracked is not None and not recomputing
         )
@@ -233,7 +255,7 @@ def is_syncnorm_layer(module: Any) -> bool:
 
     The one membership test: convert, revert, joinable, precise-BN and Lightning all ask it.
     """
-    return isinstance(module, _BatchNorm) and bool(getattr(type(module), "_syncnorm_layer", False))
+    return isinstance(module, SyncNormMixin) and isinstance(module, _BatchNorm)
 
 
 # The dtypes the kernels take; anything else (float8, integers, complex) is refused before any collective.

@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 from . import _comm, _validate
 from ._function import sync_batch_norm
 from .activation import SyncBatchNormAct
-from .batchnorm import SyncBatchNorm, begin_forward, is_syncnorm_layer, recomputing_forward
+from .batchnorm import SyncBatchNorm, SyncNormMixin, is_syncnorm_layer
 
 Exclude = Union[Callable[[str, nn.Module], bool], Iterable[str], None]
 
@@ -374,16 +374,13 @@ def _synchronised_class(original: type[_BatchNorm]) -> type[_BatchNorm]:
 def _make_synchronised_class(original: type[_BatchNorm]) -> type[_BatchNorm]:
     input_name = _first_parameter(original.forward)
 
-    def forward(self: _BatchNorm, *args: Any, **kwargs: Any) -> Any:
-        description = _describe(self)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         # What SyncBatchNorm.forward does first, before the subclass's own code can change anything:
         # validation mode (in eval mode too), then the input checks, on every rank.
         input = args[0] if args else kwargs.get(input_name) if input_name else None
-        validating = begin_forward(self, input, description)
+        description, validating, group, recomputing = self._begin_step(input)
         if not self.training:
             return original.forward(self, *args, **kwargs)
-        group = _comm.statistics_group(self.process_group, description)
-        recomputing = recomputing_forward()
         # The subclass may count the batch itself (timm's BatchNormAct2d does, before F.batch_norm): a
         # recomputed forward (activation checkpointing) or a failed one must leave that count as it was.
         counted = self.num_batches_tracked if isinstance(self.num_batches_tracked, Tensor) else None
@@ -409,11 +406,12 @@ def _make_synchronised_class(original: type[_BatchNorm]) -> type[_BatchNorm]:
         "__module__": __name__,
         "__qualname__": f"Sync{original.__qualname__}",
         "__doc__": f"{original.__name__} converted by syncnorm.convert_model: global-batch statistics.",
+        "_KIND": f"syncnorm-converted Sync{original.__name__}",
         "_syncnorm_generated": True,
-        "_syncnorm_layer": True,
         "_syncnorm_original": original,
     }
-    return type(f"Sync{original.__name__}", (original,), namespace)
+    # SyncNormMixin first: its members are the syncnorm layer's; it defines no forward, so the subclass's runs.
+    return type(f"Sync{original.__name__}", (SyncNormMixin, original), namespace)
 
 
 def _first_parameter(forward: Callable[..., Any]) -> Optional[str]:
@@ -436,12 +434,6 @@ def _new_synchronised(original: type[_BatchNorm]) -> nn.Module:
     cls = _synchronised_class(original)
     instance: nn.Module = cls.__new__(cls)
     return instance
-
-
-def _describe(layer: nn.Module) -> str:
-    name = getattr(layer, "layer_name", None)
-    quoted = f" '{name}'" if name else ""
-    return f"syncnorm-converted {type(layer).__name__}{quoted} (num_features={getattr(layer, 'num_features', '?')})"
 
 
 class _RouteBatchNorm(TorchFunctionMode):
