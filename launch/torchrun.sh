@@ -121,7 +121,8 @@ fi
 
 if [[ "$gpus" -gt 0 ]]; then
     nproc="${nproc:-$gpus}"
-    [[ "$nproc" -le "$gpus" ]] || die "--nproc $nproc asks for more processes than the $gpus GPUs here (NCCL needs one GPU a process); use --cpu to run on Gloo"
+    [[ "$nproc" -le "$gpus" ]] || die "--nproc $nproc asks for more processes than the $gpus GPUs here (NCCL needs one GPU a process);" \
+        "use --nproc $gpus or less (NPROC=$gpus), or --cpu to run on Gloo"
     echo "launch/torchrun.sh: $gpus GPU(s) found: $nproc process(es) on this node, one GPU each, on NCCL"
 else
     nproc="${nproc:-2}"
