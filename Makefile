@@ -41,7 +41,7 @@ define install_into
 	    echo "$(PY) -m pip install $(2)"; $(PY) -m pip install -q $(2) || exit 1; \
 	    have=$$($(PY) -c 'import torch; print(torch.__version__)'); \
 	fi; \
-	$(PY) -c 'import sys, torch; v = torch.__version__.split("+")[0].split("."); sys.exit(0 if (int(v[0]), \
+	$(PY) -W ignore -c 'import sys, torch; v = torch.__version__.split("+")[0].split("."); sys.exit(0 if (int(v[0]), \
 	    int(v[1])) >= (2, 13) else "syncnorm needs torch >= 2.13, and $(PY) has " + torch.__version__ + \
 	    ": upgrade it, or leave PYTHON and VIRTUAL_ENV unset for a new .venv")' || exit 1; \
 	echo "torch==$$have" > $(1).torch; \
