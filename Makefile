@@ -33,17 +33,18 @@ TEST_EXTRAS := test,mpi,examples,docs
 .PHONY: install demo test lint docs docs-serve bench
 
 # $(1): the stamp; $(2): the torch to install where the interpreter has none; $(3): the extras. The interpreter's
-# torch version goes into a pip constraint file beside the stamp.
+# torch version (its distribution's: a CUDA build's torch.__version__ has a +cuXXX that pip would not find)
+# goes into a pip constraint file beside the stamp.
 define install_into
 	@mkdir -p $(dir $(1))
-	@have=$$($(PY) -c 'import torch; print(torch.__version__)' 2>/dev/null || true); \
+	@have=$$($(PY) -c 'import importlib.metadata as m; print(m.version("torch"))' 2>/dev/null || true); \
 	if [ -z "$$have" ]; then \
 	    echo "$(PY) -m pip install $(2)"; $(PY) -m pip install -q $(2) || exit 1; \
-	    have=$$($(PY) -c 'import torch; print(torch.__version__)'); \
+	    have=$$($(PY) -c 'import importlib.metadata as m; print(m.version("torch"))'); \
 	fi; \
-	$(PY) -W ignore -c 'import sys, torch; v = torch.__version__.split("+")[0].split("."); sys.exit(0 if (int(v[0]), \
-	    int(v[1])) >= (2, 13) else "syncnorm needs torch >= 2.13, and $(PY) has " + torch.__version__ + \
-	    ": upgrade it, or leave PYTHON and VIRTUAL_ENV unset for a new .venv")' || exit 1; \
+	$(PY) -c 'import sys; v = "'$$have'".split("+")[0].split("."); sys.exit(0 if (int(v[0]), int(v[1])) >= (2, 13) \
+	    else "syncnorm needs torch >= 2.13, and $(PY) has '$$have': upgrade it, or leave PYTHON and VIRTUAL_ENV unset \
+	    for a new .venv")' || exit 1; \
 	echo "torch==$$have" > $(1).torch; \
 	echo "$(PY) -m pip install -e '.[$(3)]'   (keeping torch $$have)"; \
 	$(PY) -m pip install -q -c $(1).torch -e ".[$(3)]"
