@@ -18,7 +18,7 @@ The backend follows the device: NCCL when CUDA is available (one GPU a rank, ``L
 CPU, so the same file runs on a GPU node and on a laptop. Launch it with:
 
     launch/torchrun.sh examples/train_digits.py                # every GPU, or 2 CPU processes on Gloo
-    launch/torchrun.sh --nproc 4 examples/train_digits.py      # 4 ranks (`make demo`)
+    launch/torchrun.sh --nproc 4 examples/train_digits.py      # 4 ranks (`make demo` without GPU)
 
 Run without a launcher it trains on one rank, where the three runs are the same model.
 """

@@ -17,6 +17,14 @@ from torch import Tensor
 
 from ._errors import SyncNormError
 
+if dist.is_available():
+    # Imported now, before the script's init_process_group: its functions take `group=group.WORLD` as a default,
+    # evaluated when the module is first imported (torch 2.13, 2.14). torch imports it lazily (torch._dynamo
+    # does, e.g. at an optimizer's first step): imported after init_process_group, those defaults keep the world
+    # group, so destroy_process_group() cannot free it and its Gloo threads run on into the interpreter's
+    # teardown, where a rank can abort ("terminate called without an active exception") after a finished job.
+    import torch.distributed.nn.functional  # noqa: F401
+
 ProcessGroup = Any  # torch.distributed.ProcessGroup, absent from builds without distributed support
 GroupOrMesh = Any  # a ProcessGroup, a torch.distributed.device_mesh.DeviceMesh, or None (the whole world)
 # Where a training step's sums go: a ProcessGroup (eager), its registered name (while torch.compile traces:

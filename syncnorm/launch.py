@@ -179,7 +179,8 @@ def _build_command(argv: Sequence[str], prog: str) -> tuple[list[str], bool, lis
         nproc = nproc or str(gpus)
         if int(nproc) > gpus:
             raise _UsageError(f"--nproc {nproc} asks for more processes than the {gpus} GPU(s) here (NCCL needs one "
-                              f"GPU a process); use --nproc {gpus}, or --cpu to run {nproc} CPU processes on Gloo")
+                              f"GPU a process); use --nproc {gpus} or less (NPROC={gpus} with make demo), or --cpu "
+                              f"to run {nproc} CPU processes on Gloo")
         said = [f"{prog}: {gpus} GPU(s) found: {nproc} process(es) on this node, one GPU each, on NCCL"]
     else:
         nproc = nproc or "2"

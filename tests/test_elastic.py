@@ -102,3 +102,31 @@ def test_job_with_a_killed_worker_restarts_and_ends_identical_to_an_uninterrupte
     assert got["optimizer"]["state"] and all("momentum_buffer" in s for s in got["optimizer"]["state"].values())
     _assert_identical(got["model"], want["model"], "model")
     _assert_identical(got["optimizer"], want["optimizer"], "optimizer")
+
+
+# A finished job must end with status 0 on every rank. torch.distributed.nn.functional's functions take the world
+# group as a default argument, evaluated at its first import; torch imports it lazily (torch._dynamo does, at an
+# optimizer's first step). Imported after init_process_group, it keeps the group alive past
+# destroy_process_group(), with Gloo's threads running into the interpreter's teardown, where a rank sometimes
+# aborted ("terminate called without an active exception") after the job above had finished. syncnorm imports it
+# first, so the group and its threads are gone once destroy_process_group() returns.
+TEARDOWN = """
+import gc, os, weakref
+import syncnorm
+import torch.distributed as dist
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+world = weakref.ref(dist.group.WORLD)
+import torch._dynamo  # what torch.optim's first step imports
+dist.destroy_process_group()
+gc.collect()
+tasks = "/proc/self/task"
+threads = [open(f"{tasks}/{t}/comm").read().strip() for t in os.listdir(tasks)] if os.path.isdir(tasks) else []
+print("group alive:", world() is not None, "gloo threads:", sorted(t for t in threads if "gloo" in t))
+"""
+
+
+def test_destroy_process_group_frees_the_group_and_its_gloo_threads_after_import_syncnorm() -> None:
+    done = subprocess.run([sys.executable, "-c", TEARDOWN], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.splitlines()[-1] == "group alive: False gloo threads: []", (done.stdout, done.stderr[-2000:])

@@ -430,3 +430,70 @@ def test_a_batch_the_data_cannot_fill_stops_every_rank_at_once_instead_of_hangin
     assert process.returncode == 2 and "Traceback" not in stderr, stderr
     assert stderr.splitlines()[-1].startswith("launch/torchrun.sh: train_digits.py exited with status 2 on rank ")
     assert "train_digits:" not in stdout and not list(tmp_path.iterdir())
+
+
+def _fake_gpu_env(tmp_path: Path, gpus: int) -> dict[str, str]:
+    """A machine with ``gpus`` GPUs, as the launchers see one: ``nvidia-smi -L`` lists them, torch counts them.
+
+    A fake ``nvidia-smi`` first on PATH (the Makefile asks it), and a ``sitecustomize`` first on PYTHONPATH that
+    makes torch answer ``torch.cuda.is_available()`` and ``device_count()`` so (the launcher asks torch); nothing
+    touches a GPU: the demo's dry run prints its command only.
+    """
+    bin_dir, fake_torch = tmp_path / "bin", tmp_path / "fake_gpus"
+    bin_dir.mkdir()
+    fake_torch.mkdir(parents=True)
+    listing = "".join(f'echo "GPU {i}: NVIDIA Fake (UUID: GPU-fake-{i})"\n' for i in range(gpus))
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + (listing if gpus else 'echo "No devices were found"; exit 6\n'))
+    smi.chmod(0o755)
+    (fake_torch / "sitecustomize.py").write_text(
+        f"import torch\ntorch.cuda.is_available = lambda: {gpus} > 0\ntorch.cuda.device_count = lambda: {gpus}\n")
+    env = _env()
+    # A `make test` around this test passes its command-line variables down through MAKEFLAGS: drop them.
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "NPROC", "CPU", "DRY_RUN", "VIRTUAL_ENV", "VENV", "LAUNCHER",
+                 "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = f"{fake_torch}{os.pathsep}{env['PYTHONPATH']}"
+    return env
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make (the README's make demo)")
+@pytest.mark.parametrize(
+    ("gpus", "variables", "ranks", "line"),
+    [
+        (0, [], 4, "no GPU found: 4 CPU process(es) on this node on Gloo"),
+        (1, [], 1, "1 GPU(s) found: 1 process(es) on this node, one GPU each, on NCCL"),
+        (2, [], 2, "2 GPU(s) found: 2 process(es)"),
+        (3, [], 3, "3 GPU(s) found: 3 process(es)"),
+        (4, [], 4, "4 GPU(s) found: 4 process(es)"),
+        (8, [], 8, "8 GPU(s) found: 8 process(es)"),
+        (0, ["NPROC=2"], 2, "no GPU found: 2 CPU process(es)"),
+        (4, ["NPROC=2"], 2, "4 GPU(s) found: 2 process(es)"),
+        (2, ["CPU=1"], 4, "--cpu: 4 CPU process(es) on this node on Gloo"),
+        (8, ["CPU=1", "NPROC=2"], 2, "--cpu: 2 CPU process(es)"),
+    ],
+    ids=["no_gpu", "1_gpu", "2_gpus", "3_gpus", "4_gpus", "8_gpus", "no_gpu_nproc_2", "4_gpus_nproc_2", "cpu",
+         "cpu_nproc_2"],
+)
+def test_make_demo_takes_one_rank_a_gpu_or_4_cpu_processes(tmp_path: Path, gpus: int, variables: list[str],
+                                                           ranks: int, line: str) -> None:
+    done = subprocess.run(["make", "--no-print-directory", "demo", "DRY_RUN=1", *variables], cwd=REPO,
+                          env=_fake_gpu_env(tmp_path, gpus), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    lines = done.stdout.splitlines()
+    # The make line, the launcher's one line on what it chose, and the torchrun command it would run.
+    assert len(lines) == 3 and lines[0].startswith("PYTHON="), lines
+    assert lines[1].startswith(f"launch/torchrun.sh: {line}"), lines
+    assert lines[2] == f"{sys.executable} -m torch.distributed.run --nproc-per-node {ranks} --standalone " \
+                       "examples/train_digits.py", lines
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make (the README's make demo)")
+def test_make_demo_with_more_ranks_than_gpus_says_how_to_run(tmp_path: Path) -> None:
+    done = subprocess.run(["make", "--no-print-directory", "demo", "DRY_RUN=1", "NPROC=3"], cwd=REPO,
+                          env=_fake_gpu_env(tmp_path, 2), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "--nproc 3 asks for more processes than the 2 GPU(s) here" in done.stderr
+    assert "use --nproc 2 or less (NPROC=2 with make demo), or --cpu to run 3 CPU processes on Gloo" in done.stderr
+    assert "--nproc-per-node" not in done.stdout  # nothing launched, not even as a dry run
