@@ -753,7 +753,9 @@ KERNELS = ["native", "fused"]  # tests/distributed.py KERNEL_SETTINGS: aten; tor
 def _stateless_layer(synced: bool, dtype: torch.dtype) -> nn.Module:
     """A SyncBatchNorm (or, for the oracle, torch's BatchNorm1d) with weights and bias that are not 1 and 0."""
     layer_class: Callable[..., nn.Module] = syncnorm.SyncBatchNorm if synced else nn.BatchNorm1d
-    layer = layer_class(STATELESS_CHANNELS, momentum=STATELESS_MOMENTUM, dtype=dtype)
+    # float16/bfloat16 input: float32 parameters and statistics, as mixed-precision models have them.
+    param_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    layer = layer_class(STATELESS_CHANNELS, momentum=STATELESS_MOMENTUM, dtype=param_dtype)
     with torch.no_grad():
         layer.weight.copy_(1 + 0.1 * torch.arange(STATELESS_CHANNELS))
         layer.bias.copy_(0.1 * torch.arange(STATELESS_CHANNELS))
@@ -881,7 +883,8 @@ def rank_resumed_compiled(kernels: str, x: torch.Tensor, dy: torch.Tensor) -> di
 
 
 # dtype: (data mean, data std)
-RESUME_CASES = {torch.float32: (1e3, 1.0), torch.float64: (1e6, 1.0)}
+RESUME_CASES = {torch.float32: (1e3, 1.0), torch.float64: (1e6, 1.0), torch.float16: (1e2, 1.0),
+                torch.bfloat16: (1e2, 1.0)}
 
 
 @pytest.mark.parametrize("kernels", KERNELS)

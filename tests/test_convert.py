@@ -23,6 +23,7 @@ from torch.nn.functional import batch_norm as imported_batch_norm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import syncnorm
+from syncnorm.batchnorm import SyncNormMixin
 
 
 class ShiftedBatchNorm2d(nn.BatchNorm2d):
@@ -84,7 +85,8 @@ def test_subclasses_become_generated_synchronised_subclasses() -> None:
     model = syncnorm.convert_model(every_kind_of_layer())
     for name, cls in (("act", BatchNormAct2d), ("shifted", ShiftedBatchNorm2d)):
         layer = model[name]
-        assert type(layer).__name__ == f"Sync{cls.__name__}" and type(layer).__bases__ == (cls,)
+        # The user's class and syncnorm's mixin (the membership mark, the step's beginning), nothing else.
+        assert type(layer).__name__ == f"Sync{cls.__name__}" and type(layer).__bases__ == (SyncNormMixin, cls)
         assert isinstance(layer, cls) and layer.layer_name == name
     # One class per original class: two converted layers of a class share it.
     twin = syncnorm.convert_model(BatchNormAct2d(3))
