@@ -27,7 +27,7 @@ def _finish_forward(ctx: Any, x: Tensor, weight: Optional[Tensor], bias: Optiona
                     running_mean: Tensor, running_var: Tensor, eps: float, momentum: float,
                     summed: Tensor, local: _stats.LocalMoments) -> Tensor:
     stats = _backends.finish_statistics(_NATIVE, summed, local, None, weight, bias, eps, _stats.statistics_dtype(x),
-                                        running_mean, running_var, momentum, None)
+                                        running_mean, running_var, momentum)
     saved = _function.saved_for_backward(x, stats, local, weight)
     ctx.save_for_backward(x, *saved)
     return _NATIVE.normalize(x, local, stats, weight)
